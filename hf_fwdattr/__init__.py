@@ -1,0 +1,58 @@
+"""hf_fwdattr: training-data attribution for Hugging Face models with forward passes only at query time."""
+
+__version__ = "0.1.0"
+
+from .config import AttributionConfig, Curvature, ReadoutMode, Solver
+from .curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
+from .documents import DocumentSet, MinibatchSequence
+from .errors import (
+    ArtifactError,
+    AttributionConfigError,
+    DuplicateDocumentError,
+    EmptyDocumentsError,
+    FingerprintMismatchError,
+    ReadoutError,
+    SimulationDivergedError,
+    SubspaceError,
+    TaskError,
+)
+from .gradients import GradientMethod, document_gradients, example_gradients, query_gradients
+from .readout import ForwardReadout
+from .simulate import SimulationResult, simulate_responses
+from .subspace import AttributionSubspace, SubspaceKind, SubspaceSpec
+from .task import AttributionTask, CausalLMTask, ClassificationTask
+
+__all__ = [
+    "ArtifactError",
+    "AttributionConfig",
+    "AttributionConfigError",
+    "AttributionSubspace",
+    "AttributionTask",
+    "CausalLMTask",
+    "ClassificationTask",
+    "Curvature",
+    "CurvatureOperator",
+    "DocumentSet",
+    "DuplicateDocumentError",
+    "EmptyDocumentsError",
+    "FingerprintMismatchError",
+    "ForwardReadout",
+    "GradientMethod",
+    "MinibatchSequence",
+    "ReadoutError",
+    "ReadoutMode",
+    "SimulationDivergedError",
+    "SimulationResult",
+    "Solver",
+    "SubspaceError",
+    "SubspaceKind",
+    "SubspaceSpec",
+    "TaskError",
+    "__version__",
+    "document_gradients",
+    "estimate_step_size",
+    "example_gradients",
+    "query_gradients",
+    "simulate_responses",
+    "top_eigenvalue",
+]

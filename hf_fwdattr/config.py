@@ -1,0 +1,196 @@
+"""`AttributionConfig`: every setting of the estimator, with a lossless JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import AttributionConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class Solver(str, Enum):
+    """How each document's response u_b is simulated (DESIGN §4)."""
+
+    LINEARIZED = "linearized"
+    """K steps of u ← u − η[(H_k + λI)u + g_b] with curvature–vector products (the reference)."""
+    TWO_TRAJECTORY = "two_trajectory"
+    """K optimiser steps with and without document b up-weighted; u_b = (θ⁺_K − θ⁻_K)/ε."""
+    SINGLE_TRAJECTORY = "single_trajectory"
+    """As two-trajectory but with θ* as the unperturbed end point (exact when θ* is stationary)."""
+
+
+class Curvature(str, Enum):
+    """Which curvature H the linearised recursion multiplies with."""
+
+    GGN = "ggn"
+    """Generalised Gauss–Newton JᵀH_ℓJ: positive semi-definite, the safe default."""
+    HESSIAN = "hessian"
+    """The exact Hessian of the training loss; may have negative eigenvalues."""
+
+
+class ReadoutMode(str, Enum):
+    """How ∇f_qᵀu_b is read out with forward passes only (DESIGN §5)."""
+
+    CENTRAL_DIFFERENCE = "central_difference"
+    """[f(θ* + εû) − f(θ* − εû)] / 2ε · ‖u‖: two forwards per direction."""
+    ONE_SIDED = "one_sided"
+    """[f(θ* + εû) − f(θ*)] / ε · ‖u‖: one forward per direction."""
+    JVP = "jvp"
+    """The exact directional derivative by forward-mode AD (torch.func.jvp), vmapped."""
+
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _enum_value(enum_cls: type[Enum], value: Any, name: str) -> Enum:
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError as err:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise AttributionConfigError(f"`{name}` must be one of {choices}, got {value!r}.") from err
+
+
+@dataclass
+class AttributionConfig:
+    """Settings of the short-horizon influence estimator and its forward-only readout.
+
+    Every field has a JSON form; `AttributionConfig.from_dict(config.to_dict()) == config`.
+    The quantities are those of DESIGN §2–§5: responses u_b ≈ −(H + λI)⁻¹g_b simulated with
+    `horizon` damped steps of size `step_size`, read out as ∇f_qᵀu_b.
+    """
+
+    damping: float = field(
+        default=1e-3,
+        metadata={"help": "λ, added to the curvature: u_b = −(H + λI)⁻¹ g_b. Must be >= 0 (> 0 for the Hessian)."},
+    )
+    step_size: Union[float, str] = field(
+        default="auto",
+        metadata={"help": "η of the simulation, or 'auto' to pick η = step_size_fraction / (h_max + λ) by power iteration."},
+    )
+    step_size_fraction: float = field(
+        default=1.0,
+        metadata={"help": "With step_size='auto', η(h_max + λ) equals this; must lie in (0, 2)."},
+    )
+    horizon: int = field(default=100, metadata={"help": "K, the number of simulated steps (K → ∞ gives damped influence)."})
+    solver: Solver = field(default=Solver.LINEARIZED, metadata={"help": "linearized | two_trajectory | single_trajectory."})
+    curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized solver)."})
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Training examples per simulated step; a value >= the training set size uses the full batch."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the minibatch sequence (shared by all documents and solvers)."})
+    power_iterations: int = field(default=20, metadata={"help": "Power-iteration steps used to estimate h_max."})
+    power_iteration_batches: int = field(default=3, metadata={"help": "Minibatches on which h_max is estimated (max taken)."})
+    trajectory_epsilon: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Trajectory solvers: size of the parameter perturbation the up-weighted run may make; "
+            "document b is up-weighted by trajectory_epsilon / (η K ‖g_b‖)."
+        },
+    )
+    readout: ReadoutMode = field(default=ReadoutMode.JVP, metadata={"help": "central_difference | one_sided | jvp."})
+    epsilon: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Difference readouts: step length along the unit direction u_b/‖u_b‖ in parameter space; "
+            "None picks 2·δ^(1/3) (central) or 10·δ^(1/2) (one-sided) for the model's machine epsilon δ."
+        },
+    )
+    readout_chunk_size: int = field(default=64, metadata={"help": "Directions evaluated together in one vmapped pass."})
+    simulation_chunk_size: int = field(default=256, metadata={"help": "Documents simulated together in one batched pass."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the responses are accumulated and stored in (float64 | float32 | bfloat16 | float16)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.solver = _enum_value(Solver, self.solver, "solver")
+        self.curvature = _enum_value(Curvature, self.curvature, "curvature")
+        self.readout = _enum_value(ReadoutMode, self.readout, "readout")
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(message: str) -> None:
+            raise AttributionConfigError(message)
+
+        def finite_number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"`{name}` must be a finite number, got {value!r}.")
+            return float(value)
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+        if finite_number("damping") < 0:
+            fail(f"`damping` must be >= 0, got {self.damping!r}; it is the λ of (H + λI).")
+        if self.curvature is Curvature.HESSIAN and self.damping == 0:
+            fail("`damping` must be > 0 with curvature='hessian': the Hessian can be singular. Set e.g. damping=1e-3.")
+        if isinstance(self.step_size, str):
+            if self.step_size != "auto":
+                fail(f"`step_size` must be a positive number or 'auto', got {self.step_size!r}.")
+        elif finite_number("step_size") <= 0:
+            fail(f"`step_size` must be > 0 or 'auto', got {self.step_size!r}.")
+        fraction = finite_number("step_size_fraction")
+        if not 0 < fraction < 2:
+            fail(f"`step_size_fraction` must lie in (0, 2) so that η(h_max + λ) < 2, got {fraction!r}; 1.0 is safe.")
+        for name in ("horizon", "batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size", "simulation_chunk_size"):
+            positive_int(name)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            fail(f"`seed` must be an integer, got {self.seed!r}.")
+        if finite_number("trajectory_epsilon") <= 0:
+            fail(f"`trajectory_epsilon` must be > 0, got {self.trajectory_epsilon!r}.")
+        if self.epsilon is not None and finite_number("epsilon") <= 0:
+            fail(f"`epsilon` must be > 0 or None (automatic), got {self.epsilon!r}.")
+        if self.dtype not in _DTYPES:
+            fail(f"`dtype` must be one of {', '.join(map(repr, _DTYPES))}, got {self.dtype!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a `torch.dtype`."""
+        return _DTYPES[self.dtype]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype the simulation's recursions run in: float64 if asked for, float32 otherwise."""
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    @property
+    def automatic_step_size(self) -> bool:
+        """Whether η is estimated from the curvature."""
+        return self.step_size == "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (enums as their string values)."""
+        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttributionConfig":
+        """Build a config from `to_dict()` output; unknown keys (from a newer version) are ignored with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown AttributionConfig keys %s (written by a newer hf_fwdattr?).", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        """The config as sorted JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "AttributionConfig":
+        """Inverse of `to_json_string`."""
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,42 @@
+"""Exception classes raised by hf_fwdattr.
+
+Each error says what was expected, what came, and how to fix it. They subclass the
+built-in exception a caller would naturally catch (`ValueError` for bad input,
+`RuntimeError` for a computation that went wrong).
+"""
+
+
+class AttributionConfigError(ValueError):
+    """An `AttributionConfig` field has a value that cannot be used."""
+
+
+class EmptyDocumentsError(ValueError):
+    """The document set, or one of its documents, has nothing to attribute to."""
+
+
+class DuplicateDocumentError(ValueError):
+    """Two documents share an id."""
+
+
+class SubspaceError(ValueError):
+    """The attribution subspace cannot be built on the given model."""
+
+
+class TaskError(ValueError):
+    """A task received a batch it cannot measure, or a task method is missing."""
+
+
+class SimulationDivergedError(RuntimeError):
+    """The short-horizon simulation grew without bound."""
+
+
+class ReadoutError(RuntimeError):
+    """The forward-only readout cannot run on the given model or responses."""
+
+
+class FingerprintMismatchError(ValueError):
+    """An artifact was made for other model weights or another attribution subspace."""
+
+
+class ArtifactError(ValueError):
+    """An influence artifact on disk is missing pieces, corrupted, or inconsistent."""

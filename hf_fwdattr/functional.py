@@ -1,0 +1,99 @@
+"""Running a task with substituted subspace parameters, and making forward-mode AD possible.
+
+`TaskFunction` evaluates a task method at θ* + δ through `torch.func.functional_call`, so
+gradients, curvature products and readouts can be composed with `torch.func` transforms without
+touching the model's own parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .subspace import AttributionSubspace
+
+_FORWARD_AD_ATTENTION = ("eager", "sdpa")
+
+
+class _TaskCall(nn.Module):
+    """Holds the model as a submodule so that `functional_call` can swap its parameters while any task method runs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> torch.Tensor:
+        return method(self.model, batch)
+
+
+class TaskFunction:
+    """Task methods as functions of a flat subspace perturbation δ (parameters θ* + δ).
+
+    Args:
+        subspace: the attribution subspace.
+        method: a bound task method, e.g. ``task.train_loss`` or ``task.measurement``.
+    """
+
+    def __init__(self, subspace: AttributionSubspace, method: Callable[[nn.Module, Any], torch.Tensor]):
+        self.subspace = subspace
+        self.method = method
+        self._call = _TaskCall(subspace.model)
+
+    def __call__(self, delta: torch.Tensor, batch: Any) -> torch.Tensor:
+        params = {f"model.{n}": p for n, p in self.subspace.parameters_at(delta).items()}
+        return torch.func.functional_call(self._call, params, (self.method, batch), strict=False)
+
+    def with_parameters(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """Evaluate with explicit parameter tensors (name → tensor, subspace names)."""
+        prefixed = {f"model.{n}": p for n, p in params.items()}
+        return torch.func.functional_call(self._call, prefixed, (self.method, batch), strict=False)
+
+
+def _pretrained_models(model: nn.Module) -> list[nn.Module]:
+    found = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and hasattr(module, "set_attn_implementation"):
+            found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Iterator[None]:
+    """Make attention differentiable (in forward mode too, if asked) without changing the model's outputs.
+
+    A transformers model whose attention implementation is neither 'eager' nor 'sdpa' (e.g.
+    flash-attention-2, flex, which lack forward-mode AD and, for flex on CPU, backward) is switched to
+    'sdpa' for the duration. With `forward_mode`, SDPA also runs its math kernel: the fused flash /
+    memory-efficient kernels have no forward-mode AD. All compute the same attention, so outputs
+    agree to floating-point rounding.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    switched = []
+    for module in _pretrained_models(model):
+        implementation = module.config._attn_implementation
+        if implementation not in _FORWARD_AD_ATTENTION:
+            module.set_attn_implementation("sdpa")
+            switched.append((module, implementation))
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if forward_mode else contextlib.nullcontext():
+            yield
+    finally:
+        for module, implementation in switched:
+            module.set_attn_implementation(implementation)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode (no dropout) and restore each module's training flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag

@@ -1,0 +1,187 @@
+"""Short-horizon simulation of each document's parameter response u_b (DESIGN §4).
+
+u_b^(0) = 0,  u_b^(k+1) = u_b^(k) − η[(H_k + λI) u_b^(k) + g_b]  ⇒  u_b^(K) → −(H + λI)⁻¹ g_b as K → ∞.
+
+Three solvers share the minibatch sequence (step k uses minibatch k of `MinibatchSequence`):
+
+- linearized: the recursion above with curvature–vector products, all documents batched;
+- two_trajectory: K real gradient steps on mean minibatch loss + ε_b L_b + (λ/2)‖v‖² from θ*, minus
+  the same K steps without document b, divided by ε_b;
+- single_trajectory: the same with θ* as the unperturbed end point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import AttributionConfig, Solver
+from .curvature import CurvatureOperator, estimate_step_size
+from .documents import DocumentSet, MinibatchSequence
+from .errors import SimulationDivergedError
+from .functional import TaskFunction, differentiable_attention, evaluation_mode
+from .gradients import GradientMethod, document_gradients
+from .subspace import AttributionSubspace
+from .task import as_task
+
+logger = logging.getLogger(__name__)
+
+# A stable recursion keeps ‖u^(k)‖ <= k η ‖g_b‖; allow this factor for minibatch curvature above the estimate.
+_DIVERGENCE_FACTOR = 10.0
+
+
+@dataclass
+class SimulationResult:
+    """The simulated responses and how they were made.
+
+    Attributes:
+        responses: [n_documents, dim] responses u_b, rows in the order of the documents simulated.
+        gradients: [n_documents, dim] document gradients g_b (the responses' inputs).
+        step_size: η used.
+        top_eigenvalue: the h_max estimate η was derived from (None when η was given).
+        seconds: wall time of the simulation, gradients included.
+    """
+
+    responses: torch.Tensor
+    gradients: torch.Tensor
+    step_size: float
+    top_eigenvalue: Optional[float]
+    seconds: float
+
+
+def _divergence_error(step: int, document: str, norm: float, bound: float, config: AttributionConfig, step_size: float) -> SimulationDivergedError:
+    message = (
+        f"The simulation diverged at step {step} for document {document!r}: ‖u‖ = {norm:.3g} exceeds the stable bound "
+        f"{bound:.3g} (η = {step_size:.3g}, λ = {config.damping:.3g}, curvature = {config.curvature.value}). "
+        "Lower `step_size` (or set it to 'auto' / lower `step_size_fraction`), raise `damping` so that H + λI is "
+        "positive definite, or use curvature='ggn'."
+    )
+    if config.solver is Solver.SINGLE_TRAJECTORY:
+        message += (
+            " With solver='single_trajectory' the usual cause is a θ* that is not stationary for the minibatch losses "
+            "(the unperturbed run drifts): use solver='two_trajectory' or 'linearized'."
+        )
+    return SimulationDivergedError(message)
+
+
+def _check_stable(responses: torch.Tensor, gradient_norms: torch.Tensor, step: int, step_size: float, config, ids: Sequence[str]) -> None:
+    norms = responses.norm(dim=1)
+    bound = _DIVERGENCE_FACTOR * step * step_size * gradient_norms + 1e-30
+    bad = ~torch.isfinite(norms) | (norms > bound)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad).flatten()[0])
+        raise _divergence_error(step, ids[row], float(norms[row]), float(bound[row]), config, step_size)
+
+
+def simulate_responses(
+    subspace: AttributionSubspace,
+    task,
+    documents: DocumentSet,
+    train_examples: Sequence[Any],
+    config: Optional[AttributionConfig] = None,
+    document_indices: Optional[Sequence[int]] = None,
+    step_size: Optional[float] = None,
+    gradient_method: GradientMethod | str = GradientMethod.AUTO,
+    progress: bool = False,
+) -> SimulationResult:
+    """Simulate the response u_b of every document (or of `document_indices`) with `config.solver`.
+
+    Args:
+        subspace: the attribution subspace at θ*.
+        task: the `AttributionTask` giving per-example training losses.
+        documents: the documents to attribute to.
+        train_examples: the training examples the minibatches are drawn from.
+        config: estimator settings.
+        document_indices: simulate only these documents (rows of the result in this order).
+        step_size: η to use, overriding `config.step_size` (e.g. one estimated once for all processes).
+        gradient_method: how per-example gradients are computed.
+        progress: show progress bars.
+    """
+    task = as_task(task)
+    config = config or AttributionConfig()
+    documents.validate(task)
+    train_examples = list(train_examples)
+    sequence = MinibatchSequence(len(train_examples), config.batch_size, config.seed)
+    rows = list(range(len(documents))) if document_indices is None else list(document_indices)
+    ids = [documents.document_ids[r] for r in rows]
+    dtype = config.compute_dtype
+    start = time.perf_counter()
+
+    top = None
+    if step_size is None:
+        if config.automatic_step_size:
+            step_size, top = estimate_step_size(subspace, task, train_examples, config)
+        else:
+            step_size = float(config.step_size)
+
+    gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
+    if config.solver is Solver.LINEARIZED:
+        responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
+    else:
+        responses = _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress)
+    seconds = time.perf_counter() - start
+    return SimulationResult(responses.to(config.torch_dtype), gradients, step_size, top, seconds)
+
+
+def _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress) -> torch.Tensor:
+    damping, chunk = config.damping, config.simulation_chunk_size
+    gradient_norms = gradients.norm(dim=1)
+    responses = -step_size * gradients  # step 0: u = 0, so the curvature term vanishes
+    steps = sequence.indices(config.horizon - 1, offset=1)
+    for step, batch_indices in enumerate(tqdm(steps, total=config.horizon - 1, desc="Simulating (linearized)", disable=not progress), start=2):
+        batch = task.collate([train_examples[i] for i in batch_indices])
+        operator = CurvatureOperator(subspace, task, batch, config.curvature, gradients.dtype)
+        for lo in range(0, len(responses), chunk):
+            block = responses[lo : lo + chunk]
+            curvature = operator.matvec(block)
+            responses[lo : lo + chunk] = block - step_size * (curvature + damping * block + gradients[lo : lo + chunk])
+        _check_stable(responses, gradient_norms, step, step_size, config, ids)
+    return responses
+
+
+def _trajectory_gradient(function: TaskFunction, task, point: torch.Tensor, examples: list, weights: torch.Tensor) -> torch.Tensor:
+    point = point.detach().requires_grad_(True)
+    losses = function(point, task.collate(examples))
+    (gradient,) = torch.autograd.grad((losses * weights.to(losses.dtype)).sum(), point)
+    return gradient.detach()
+
+
+def _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress) -> torch.Tensor:
+    function = TaskFunction(subspace, task.train_loss)
+    dtype, device, damping, horizon = gradients.dtype, subspace.device, config.damping, config.horizon
+    batches = list(sequence.indices(horizon))
+    gradient_norms = gradients.norm(dim=1)
+
+    def run(document_examples: list, weight: float) -> torch.Tensor:
+        point = torch.zeros(subspace.dim, dtype=dtype, device=device)
+        for batch_indices in batches:
+            examples = [train_examples[i] for i in batch_indices]
+            weights = [1.0 / len(examples)] * len(examples) + [weight] * len(document_examples)
+            gradient = _trajectory_gradient(function, task, point, examples + document_examples, torch.tensor(weights, dtype=dtype, device=device))
+            point = point - step_size * (gradient + damping * point)
+        return point
+
+    responses = torch.zeros_like(gradients)
+    with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
+        baseline = run([], 0.0) if config.solver is Solver.TWO_TRAJECTORY else torch.zeros(subspace.dim, dtype=dtype, device=device)
+        chunks_of = {r: [] for r in rows}
+        for example, doc in zip(documents.examples, documents.example_document):
+            if doc in chunks_of:
+                chunks_of[doc].append(example)
+        negligible = float(gradient_norms.max()) * torch.finfo(dtype).eps
+        for row, doc in enumerate(tqdm(rows, desc=f"Simulating ({config.solver.value})", disable=not progress)):
+            norm = float(gradient_norms[row])
+            if norm <= negligible:
+                continue  # u_b = 0 to working precision; up-weighting by ε/‖g_b‖ would overflow
+            weight = config.trajectory_epsilon / (step_size * horizon * norm)
+            responses[row] = (run(chunks_of[doc], weight) - baseline) / weight
+            response_norm = float(responses[row].norm())
+            bound = _DIVERGENCE_FACTOR * horizon * step_size * norm
+            if not torch.isfinite(responses[row]).all() or response_norm > bound:
+                raise _divergence_error(horizon, documents.document_ids[doc], response_norm, bound, config, step_size)
+    return responses

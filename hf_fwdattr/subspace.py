@@ -1,0 +1,358 @@
+"""The attribution subspace S (DESIGN §3): which parameter perturbations responses live in.
+
+Three kinds, all described by a `SubspaceSpec` that is stored with an artifact and rebuilds the
+same subspace at readout time:
+
+- ``trainable``: the named parameters themselves (all trainable parameters by default); exact, for
+  small models.
+- ``peft``: the LoRA A and B matrices of a PEFT adapter already on the model.
+- ``projection``: a PEFT LoRA adapter injected for attribution only, with frozen seeded Gaussian
+  A (scaled by 1/√d_in) and zero B, so the model function is unchanged; the coordinates are the B
+  matrices, and the gradient in them is the weight gradient projected on its input side.
+
+Coordinates are flattened into one vector in a fixed parameter order; a flat vector v stands for
+the parameters θ* + v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import SubspaceError
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_ADAPTER_NAME = "fwdattr_projection"
+_LORA_MATRICES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+class SubspaceKind(str, Enum):
+    """The three ways of choosing the attribution subspace."""
+
+    TRAINABLE = "trainable"
+    PEFT = "peft"
+    PROJECTION = "projection"
+
+
+@dataclass
+class SubspaceSpec:
+    """Data that describes an attribution subspace and re-creates it identically.
+
+    `parameter_names` is filled in when the subspace is built; passing it back selects exactly those
+    parameters again (and is checked against the model).
+    """
+
+    kind: SubspaceKind = field(default=SubspaceKind.PEFT, metadata={"help": "trainable | peft | projection."})
+    parameter_names: list[str] = field(default_factory=list, metadata={"help": "Subspace parameters, in flattening order."})
+    adapter_name: Optional[str] = field(
+        default=None, metadata={"help": "PEFT adapter to use (peft) or name of the injected adapter (projection)."}
+    )
+    rank: int = field(default=8, metadata={"help": "Projection adapter rank r."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Projection adapter target modules (PEFT syntax); None uses PEFT's default for the architecture."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the projection adapter's random A matrices."})
+
+    def __post_init__(self) -> None:
+        try:
+            self.kind = SubspaceKind(self.kind)
+        except ValueError as err:
+            choices = ", ".join(repr(k.value) for k in SubspaceKind)
+            raise SubspaceError(f"`kind` must be one of {choices}, got {self.kind!r}.") from err
+        if self.kind is SubspaceKind.PROJECTION:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+                raise SubspaceError(f"`rank` must be an integer >= 1, got {self.rank!r}.")
+            if self.adapter_name is None:
+                self.adapter_name = PROJECTION_ADAPTER_NAME
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.parameter_names = list(self.parameter_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        data = dataclasses.asdict(self)
+        data["kind"] = self.kind.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SubspaceSpec":
+        """Inverse of `to_dict`; unknown keys are ignored with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown SubspaceSpec keys %s (written by a newer hf_fwdattr?).", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def _hash_tensor(hasher: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+    hasher.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint_parameters(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of the values, shapes and dtypes of `named_tensors`, in order (names are not hashed)."""
+    hasher = hashlib.sha256()
+    for _, tensor in named_tensors:
+        _hash_tensor(hasher, tensor)
+    return hasher.hexdigest()
+
+
+def _is_lora_parameter(name: str, adapter_name: str) -> bool:
+    parts = name.split(".")
+    return any(parts[i] in _LORA_MATRICES and parts[i + 1] == adapter_name for i in range(len(parts) - 1))
+
+
+def find_peft_adapters(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters present on `model` (empty when it has none)."""
+    names = set()
+    for module in model.modules():
+        for attr in ("lora_A", "lora_embedding_A"):
+            adapters = getattr(module, attr, None)
+            if isinstance(adapters, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(adapters.keys())
+    return sorted(names)
+
+
+class AttributionSubspace:
+    """A set of model parameters whose perturbations responses and readouts live in.
+
+    Build one with `AttributionSubspace.build(model, spec)`. A flat vector `v` of length `dim`
+    stands for the parameters θ* + v; `parameters_at(v)` gives them as a name → tensor dict for
+    `torch.func.functional_call`.
+
+    Args:
+        model: the model (with its PEFT or projection adapter in place).
+        spec: the subspace description, `parameter_names` filled in.
+        model_fingerprint: fingerprint of θ* (all model parameters, projection adapter excluded).
+    """
+
+    def __init__(self, model: nn.Module, spec: SubspaceSpec, model_fingerprint: str, projection_tuner: Any = None):
+        self.model = model
+        self.spec = spec
+        self.model_fingerprint = model_fingerprint
+        self._projection_tuner = projection_tuner
+        named = dict(model.named_parameters(remove_duplicate=False))
+        missing = [n for n in spec.parameter_names if n not in named]
+        if missing:
+            raise SubspaceError(
+                f"The model has no parameters named {missing[:3]} (of {len(missing)} missing) that the subspace "
+                "description lists. Use the same model class and adapter the subspace was made with."
+            )
+        self.names: list[str] = list(spec.parameter_names)
+        self.base: dict[str, torch.Tensor] = {n: named[n].detach() for n in self.names}
+        self.shapes = [self.base[n].shape for n in self.names]
+        self.numels = [self.base[n].numel() for n in self.names]
+        self.dim = sum(self.numels)
+        if self.dim == 0:
+            raise SubspaceError("The attribution subspace has no parameters (dimension 0).")
+        self.fingerprint = self._subspace_fingerprint()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, model: nn.Module, spec: Optional[Union[SubspaceSpec, dict, str]] = None, **spec_kwargs) -> "AttributionSubspace":
+        """Build the subspace described by `spec` on `model`.
+
+        `spec` may be a `SubspaceSpec`, its dict form, a kind string (``"trainable"``, ``"peft"``,
+        ``"projection"``), or None: the model's PEFT adapter if it has one, else a projection adapter.
+        Keyword arguments fill the remaining `SubspaceSpec` fields. The projection kind injects its
+        adapter into `model` in place; `remove()` takes it out again.
+        """
+        if isinstance(spec, dict):
+            spec = SubspaceSpec.from_dict(spec)
+        elif isinstance(spec, (str, SubspaceKind)) or spec is None:
+            kind = spec if spec is not None else (SubspaceKind.PEFT if find_peft_adapters(model) else SubspaceKind.PROJECTION)
+            spec = SubspaceSpec(kind=kind, **spec_kwargs)
+        elif spec_kwargs:
+            spec = dataclasses.replace(spec, **spec_kwargs)
+        spec = dataclasses.replace(spec)  # never mutate the caller's spec
+
+        if spec.kind is SubspaceKind.PROJECTION:
+            if any(_is_lora_parameter(n, spec.adapter_name) for n, _ in model.named_parameters()):
+                raise SubspaceError(
+                    f"The model already carries a projection adapter named {spec.adapter_name!r}; "
+                    "call `remove()` on the subspace that injected it before building another."
+                )
+            model_fingerprint = fingerprint_parameters(list(model.named_parameters()))
+            tuner = _inject_projection_adapter(model, spec)
+            names = [n for n, _ in model.named_parameters() if _is_lora_parameter(n, spec.adapter_name) and ".lora_B." in f".{n}."]
+            return cls._checked(model, spec, names, model_fingerprint, tuner)
+
+        model_fingerprint = fingerprint_parameters(list(model.named_parameters()))
+        if spec.kind is SubspaceKind.PEFT:
+            adapters = find_peft_adapters(model)
+            if not adapters:
+                raise SubspaceError(
+                    "subspace kind 'peft' needs a model with a PEFT LoRA adapter, and this model has none. "
+                    "Wrap it with `peft.get_peft_model`, or use kind='projection' (or 'trainable' for a small model)."
+                )
+            if spec.adapter_name is None:
+                active = getattr(model, "active_adapter", None)
+                spec.adapter_name = active if isinstance(active, str) and active in adapters else adapters[0]
+            if spec.adapter_name not in adapters:
+                raise SubspaceError(f"The model has no LoRA adapter named {spec.adapter_name!r}; it has {adapters}.")
+            names = [n for n, _ in model.named_parameters() if _is_lora_parameter(n, spec.adapter_name)]
+        else:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return cls._checked(model, spec, names, model_fingerprint, None)
+
+    @classmethod
+    def _checked(cls, model, spec, names, model_fingerprint, tuner) -> "AttributionSubspace":
+        if spec.parameter_names and spec.parameter_names != names and spec.kind is not SubspaceKind.TRAINABLE:
+            raise SubspaceError(
+                f"The subspace description lists {len(spec.parameter_names)} parameters, but the model gives "
+                f"{len(names)} for kind {spec.kind.value!r} (first difference: "
+                f"{next((a, b) for a, b in zip(spec.parameter_names + [None], names + [None]) if a != b)}). "
+                "The model's architecture or adapter differs from the one the subspace was made on."
+            )
+        if not spec.parameter_names:
+            if not names:
+                raise SubspaceError(
+                    f"The model has no trainable parameters in the {spec.kind.value!r} subspace. "
+                    "Unfreeze some parameters (requires_grad=True), or pick another subspace kind."
+                )
+            spec.parameter_names = names
+        try:
+            return cls(model, spec, model_fingerprint, tuner)
+        except Exception:
+            if tuner is not None:
+                _remove_projection_adapter(model, spec, tuner)
+            raise
+
+    def remove(self) -> None:
+        """Take the projection adapter out of the model again (no-op for the other kinds)."""
+        if self._projection_tuner is not None:
+            _remove_projection_adapter(self.model, self.spec, self._projection_tuner)
+            self._projection_tuner = None
+
+    def __enter__(self) -> "AttributionSubspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ coordinates
+    def flatten(self, tensors: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Concatenate per-parameter tensors (optionally with leading batch dims) into [..., dim]."""
+        first = tensors[self.names[0]]
+        lead = first.shape[: first.dim() - len(self.shapes[0])]
+        parts = [tensors[n].reshape(*lead, -1) for n in self.names]
+        flat = torch.cat(parts, dim=-1)
+        return flat if dtype is None else flat.to(dtype)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split [..., dim] into a name → tensor dict with the parameters' shapes (dtype kept)."""
+        if flat.shape[-1] != self.dim:
+            raise ValueError(f"Expected vectors of the subspace dimension {self.dim}, got shape {tuple(flat.shape)}.")
+        lead = flat.shape[:-1]
+        chunks = torch.split(flat, self.numels, dim=-1)
+        return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def parameters_at(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ* + δ for a flat δ of length `dim`, in each parameter's own dtype and device."""
+        parts = self.unflatten(delta)
+        return {n: self.base[n] + parts[n].to(self.base[n].dtype) for n in self.names}
+
+    def base_vector(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """θ* restricted to the subspace, flattened."""
+        return self.flatten(self.base, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the subspace parameters."""
+        return self.base[self.names[0]].device
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """dtype of the (first) subspace parameter."""
+        return self.base[self.names[0]].dtype
+
+    def _subspace_fingerprint(self) -> str:
+        hasher = hashlib.sha256()
+        description = {k: v for k, v in self.spec.to_dict().items()}
+        hasher.update(repr(sorted(description.items())).encode())
+        hasher.update(repr([tuple(s) for s in self.shapes]).encode())
+        if self.spec.kind is SubspaceKind.PROJECTION:
+            for name, param in self.model.named_parameters():
+                if _is_lora_parameter(name, self.spec.adapter_name) and ".lora_A." in f".{name}.":
+                    _hash_tensor(hasher, param)
+        return hasher.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"AttributionSubspace(kind={self.spec.kind.value!r}, parameters={len(self.names)}, dim={self.dim})"
+
+
+def _inject_projection_adapter(model: nn.Module, spec: SubspaceSpec):
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    had_config = hasattr(model, "peft_config")
+    lora_config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.rank,  # scaling = alpha / r = 1: ΔW = B A exactly
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=spec.target_modules,
+    )
+    try:
+        with warnings.catch_warnings():
+            # PEFT switches fan_in_fan_out on for GPT-2's Conv1D by itself; the projection needs nothing else.
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            tuner = LoraModel(model, lora_config, spec.adapter_name)
+    except ValueError as err:
+        raise SubspaceError(
+            f"Could not inject the projection adapter: {err}. Pass `target_modules` (PEFT syntax, e.g. "
+            "['q_proj', 'v_proj'] or a regex) naming the linear layers to project."
+        ) from err
+    tuner._fwdattr_requires_grad = requires_grad
+    tuner._fwdattr_had_config = had_config
+    if spec.target_modules is None:
+        spec.target_modules = sorted(lora_config.target_modules)
+    elif isinstance(spec.target_modules, set):
+        spec.target_modules = sorted(spec.target_modules)
+    for module_name, module in model.named_modules():
+        for matrix_a, matrix_b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+            container = getattr(module, matrix_a, None)
+            if container is None or spec.adapter_name not in container:
+                continue
+            a = container[spec.adapter_name]
+            a_weight = a.weight if isinstance(a, nn.Module) else a
+            b = getattr(module, matrix_b)[spec.adapter_name]
+            b_weight = b.weight if isinstance(b, nn.Module) else b
+            generator = torch.Generator().manual_seed(_stable_seed(spec.seed, module_name))
+            fan_in = a_weight.shape[1]
+            values = torch.randn(a_weight.shape, generator=generator, dtype=torch.float32) / fan_in**0.5
+            with torch.no_grad():
+                a_weight.copy_(values.to(a_weight.dtype))
+                b_weight.zero_()
+            a_weight.requires_grad_(False)
+            b_weight.requires_grad_(True)
+    for name, param in model.named_parameters():
+        if not _is_lora_parameter(name, spec.adapter_name):
+            param.requires_grad_(False)
+    return tuner
+
+
+def _remove_projection_adapter(model: nn.Module, spec: SubspaceSpec, tuner) -> None:
+    tuner.unload()
+    if not tuner._fwdattr_had_config and hasattr(model, "peft_config"):
+        del model.peft_config
+    for name, param in model.named_parameters():
+        if name in tuner._fwdattr_requires_grad:
+            param.requires_grad_(tuner._fwdattr_requires_grad[name])

@@ -1,0 +1,204 @@
+"""The one abstraction a user extends: what the model's loss and query measurement are.
+
+A task turns (model, batch) into per-example numbers. Everything else in the library — gradients,
+curvature products, simulation, readout — only calls these methods, so any `torch.nn.Module` works
+once a task describes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from .errors import EmptyDocumentsError, TaskError
+
+IGNORE_INDEX = -100
+
+
+class AttributionTask:
+    """Per-example training loss and per-example query measurement of a model.
+
+    Subclass it and implement `train_loss` (or `outputs` plus `loss_from_outputs`, which also
+    enables Gauss–Newton curvature) and `measurement`. Every method gets a *batch* made by
+    `collate` from a list of examples and returns one value per example: the loss of example i
+    may depend on example i only.
+
+    Sign convention: `measurement` is something the model should make *larger* (a log-likelihood),
+    so a positive score means a training document makes the query output more likely.
+    """
+
+    def train_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example training loss, shape [batch_size]. The simulated training objective is its mean."""
+        if type(self).outputs is AttributionTask.outputs:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement `train_loss`, or `outputs` and `loss_from_outputs`."
+            )
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example query measurement f_q (e.g. a log-likelihood), shape [batch_size]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `measurement`.")
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Model outputs z (e.g. logits) whose loss `loss_from_outputs` gives; needed for curvature='ggn'."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `outputs` and `loss_from_outputs` for curvature='ggn' "
+            "(the Gauss–Newton product needs the loss as a function of the model outputs); "
+            "implement them or use curvature='hessian'."
+        )
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Per-example loss as a function of the outputs of `outputs`, shape [batch_size]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `loss_from_outputs` for curvature='ggn'.")
+
+    def collate(self, examples: Sequence[Any]) -> Any:
+        """Turn a list of examples into a batch (default: `torch.utils.data.default_collate`)."""
+        return default_collate(list(examples))
+
+    def validate_example(self, example: Any) -> None:
+        """Raise `EmptyDocumentsError` if `example` cannot contribute a loss (default: accept)."""
+
+    @property
+    def supports_ggn(self) -> bool:
+        """Whether `outputs` and `loss_from_outputs` are implemented."""
+        return type(self).outputs is not AttributionTask.outputs
+
+
+def _to_tensor(values: Any) -> torch.Tensor:
+    return values.detach().clone().long() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.long)
+
+
+def _batch_to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+class CausalLMTask(AttributionTask):
+    """Causal language modelling: loss = summed token NLL of each example, measurement = summed log-likelihood.
+
+    An example is a dict with ``input_ids`` and optionally ``labels`` (−100 marks tokens that are
+    not scored, e.g. a query's prompt) and ``attention_mask``. Without ``labels`` every token after
+    the first is scored. Batches are right-padded with `pad_token_id`; padding is never scored.
+
+    Args:
+        pad_token_id: id used to pad batches (any id works: padded positions are masked).
+    """
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = int(pad_token_id)
+
+    def collate(self, examples: Sequence[dict]) -> dict:
+        if not examples:
+            raise TaskError("Cannot collate an empty list of examples.")
+        ids = [_to_tensor(e["input_ids"]).reshape(-1) for e in examples]
+        labels = [_to_tensor(e["labels"]).reshape(-1) if e.get("labels") is not None else i.clone() for e, i in zip(examples, ids)]
+        masks = [_to_tensor(e["attention_mask"]).reshape(-1) if e.get("attention_mask") is not None else torch.ones_like(i) for e, i in zip(examples, ids)]
+        length = max(len(i) for i in ids)
+        batch = {
+            "input_ids": torch.full((len(ids), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(ids), length), dtype=torch.long),
+            "labels": torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, (i, lab, m) in enumerate(zip(ids, labels, masks)):
+            if not (len(i) == len(lab) == len(m)):
+                raise TaskError(f"Example {row}: input_ids, labels and attention_mask must have one length each.")
+            batch["input_ids"][row, : len(i)] = i
+            batch["attention_mask"][row, : len(i)] = m
+            batch["labels"][row, : len(i)] = torch.where(m.bool(), lab, torch.full_like(lab, IGNORE_INDEX))
+        return batch
+
+    def validate_example(self, example: Any) -> None:
+        ids = _to_tensor(example["input_ids"]).reshape(-1)
+        labels = _to_tensor(example["labels"]).reshape(-1) if example.get("labels") is not None else ids
+        if len(ids) < 2 or not bool((labels[1:] != IGNORE_INDEX).any()):
+            raise EmptyDocumentsError(
+                f"An example has no token to score (input_ids of length {len(ids)}; a causal LM scores tokens "
+                "after the first that are not labelled -100). Drop empty documents before attributing."
+            )
+
+    def outputs(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        batch = _batch_to(batch, _model_device(model))
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        labels = batch["labels"].to(outputs.device)[:, 1:]
+        logits = outputs[:, :-1]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # log-softmax over a vocabulary needs more than half precision
+        token_nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return (token_nll * (labels != IGNORE_INDEX)).sum(dim=1)
+
+    def measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return -self.train_loss(model, batch)
+
+    @staticmethod
+    def query_example(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> dict:
+        """An example whose measurement is log p(answer | prompt): prompt tokens are labelled −100."""
+        prompt, answer = list(prompt_ids), list(answer_ids)
+        if not answer:
+            raise TaskError("The answer of a query has no tokens; there is nothing to measure.")
+        if not prompt:
+            raise TaskError("The prompt of a query has no tokens; a causal LM needs at least one token of context.")
+        return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+class ClassificationTask(AttributionTask):
+    """Classification with cross-entropy loss.
+
+    An example is a pair ``(inputs, label)`` or a dict with the label under `label_key` and the
+    model's keyword inputs under the other keys. The model returns logits (or an object with
+    ``.logits``).
+
+    Args:
+        measurement: ``"log_prob"`` (log p(label | inputs)) or ``"margin"`` (logit of the label minus
+            the log-sum-exp of the others, as in TRAK).
+        label_key: key of the label in dict examples.
+    """
+
+    def __init__(self, measurement: str = "log_prob", label_key: str = "labels"):
+        if measurement not in ("log_prob", "margin"):
+            raise TaskError(f"`measurement` must be 'log_prob' or 'margin', got {measurement!r}.")
+        self.measurement_kind = measurement
+        self.label_key = label_key
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if isinstance(batch, dict):
+            return {k: v for k, v in batch.items() if k != self.label_key}, batch[self.label_key]
+        inputs, labels = batch
+        return inputs, labels
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, _ = self._split(batch)
+        device = _model_device(model)
+        out = model(**_batch_to(inputs, device)) if isinstance(inputs, dict) else model(inputs.to(device))
+        return getattr(out, "logits", out)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        _, labels = self._split(batch)
+        return F.cross_entropy(outputs, labels.to(outputs.device), reduction="none")
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits = self.outputs(model, batch)
+        _, labels = self._split(batch)
+        labels = labels.to(logits.device)
+        if self.measurement_kind == "log_prob":
+            return -F.cross_entropy(logits, labels, reduction="none")
+        label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return label_logit - torch.logsumexp(others, dim=1)
+
+
+def as_task(task: Optional[AttributionTask]) -> AttributionTask:
+    """Check that `task` is an `AttributionTask`."""
+    if not isinstance(task, AttributionTask):
+        raise TaskError(f"Expected an AttributionTask (e.g. CausalLMTask()), got {type(task).__name__}.")
+    return task

@@ -1,0 +1,78 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from hf_fwdattr import AttributionConfig, AttributionConfigError, Curvature, ReadoutMode, Solver
+
+
+def test_defaults_round_trip():
+    config = AttributionConfig()
+    assert AttributionConfig.from_dict(config.to_dict()) == config
+    assert AttributionConfig.from_json_string(config.to_json_string()) == config
+
+
+def test_non_default_round_trip_is_lossless():
+    config = AttributionConfig(
+        damping=0.25,
+        step_size=0.125,
+        step_size_fraction=1.5,
+        horizon=7,
+        solver="two_trajectory",
+        curvature="hessian",
+        batch_size=3,
+        seed=11,
+        readout="one_sided",
+        epsilon=1e-4,
+        trajectory_epsilon=1e-5,
+        dtype="float64",
+    )
+    text = config.to_json_string()
+    assert json.loads(text)["solver"] == "two_trajectory"
+    restored = AttributionConfig.from_json_string(text)
+    assert restored == config
+    assert restored.solver is Solver.TWO_TRAJECTORY and restored.curvature is Curvature.HESSIAN
+    assert restored.readout is ReadoutMode.ONE_SIDED and restored.torch_dtype is torch.float64
+    assert restored.step_size == 0.125 and isinstance(restored.step_size, float)
+
+
+def test_json_is_sorted():
+    keys = list(json.loads(AttributionConfig().to_json_string()))
+    assert keys == sorted(keys)
+
+
+def test_unknown_keys_warn_and_load(caplog):
+    data = AttributionConfig().to_dict() | {"from_the_future": 1}
+    with caplog.at_level(logging.WARNING):
+        config = AttributionConfig.from_dict(data)
+    assert config == AttributionConfig()
+    assert "from_the_future" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"damping": -1.0}, "`damping`"),
+        ({"damping": float("nan")}, "`damping`"),
+        ({"damping": 0.0, "curvature": "hessian"}, "`damping`"),
+        ({"step_size": 0.0}, "`step_size`"),
+        ({"step_size": "fast"}, "`step_size`"),
+        ({"step_size_fraction": 2.0}, "`step_size_fraction`"),
+        ({"horizon": 0}, "`horizon`"),
+        ({"horizon": 2.5}, "`horizon`"),
+        ({"solver": "newton"}, "`solver`"),
+        ({"curvature": "fisher"}, "`curvature`"),
+        ({"batch_size": 0}, "`batch_size`"),
+        ({"seed": "zero"}, "`seed`"),
+        ({"power_iterations": 0}, "`power_iterations`"),
+        ({"readout": "backward"}, "`readout`"),
+        ({"epsilon": 0.0}, "`epsilon`"),
+        ({"trajectory_epsilon": -1e-3}, "`trajectory_epsilon`"),
+        ({"readout_chunk_size": 0}, "`readout_chunk_size`"),
+        ({"dtype": "int8"}, "`dtype`"),
+    ],
+)
+def test_validation_names_the_field(kwargs, field):
+    with pytest.raises(AttributionConfigError, match=field):
+        AttributionConfig(**kwargs)
