@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .artifact import DocumentTable, InfluenceArtifact
 from .config import AttributionConfig, Curvature, ReadoutMode, Solver
 from .curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
 from .documents import DocumentSet, MinibatchSequence
@@ -33,11 +34,13 @@ __all__ = [
     "Curvature",
     "CurvatureOperator",
     "DocumentSet",
+    "DocumentTable",
     "DuplicateDocumentError",
     "EmptyDocumentsError",
     "FingerprintMismatchError",
     "ForwardReadout",
     "GradientMethod",
+    "InfluenceArtifact",
     "MinibatchSequence",
     "ReadoutError",
     "ReadoutMode",
