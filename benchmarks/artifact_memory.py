@@ -79,7 +79,7 @@ def measure(directory: str) -> dict:
     readout.scores(queries, artifact.responses(list(range(64))))  # warm up kernels before the baseline
     baseline = rss_now()
     start = time.perf_counter()
-    scores = readout.scores(queries, artifact.iter_responses(chunk_rows=4096))
+    scores = readout.scores(queries, artifact.iter_responses(chunk_rows=4096), num_directions=artifact.num_documents)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"n": artifact.num_documents, "dim": artifact.dim, "baseline_mib": baseline, "peak_mib": peak,

@@ -67,17 +67,30 @@ class ForwardReadout:
         """A readout with the mode, ε and chunk size of `config`."""
         return cls(subspace, task, config.readout, config.epsilon, config.readout_chunk_size, **kwargs)
 
-    def scores(self, queries: Union[Sequence[Any], Any], responses: Union[torch.Tensor, Iterable[torch.Tensor]], collated: bool = False) -> torch.Tensor:
+    def scores(
+        self,
+        queries: Union[Sequence[Any], Any],
+        responses: Union[torch.Tensor, Iterable[torch.Tensor]],
+        collated: bool = False,
+        num_directions: Optional[int] = None,
+    ) -> torch.Tensor:
         """Score matrix [n_queries, n_directions]: entry (q, b) = ∇f_q(θ*)ᵀ u_b; positive = proponent.
 
         Args:
             queries: query examples (collated by the task), or a collated batch with `collated=True`.
             responses: [n, dim] tensor, or an iterable of such chunks (streamed, e.g. from shards).
+            num_directions: total rows of a streamed `responses`, if known: the result is then
+                allocated once, which keeps memory flat however many chunks stream by.
         """
         batch = queries if collated else self.task.collate(list(queries))
-        chunks = [responses] if isinstance(responses, torch.Tensor) else responses
+        if isinstance(responses, torch.Tensor):
+            chunks, num_directions = [responses], responses.shape[0]
+        else:
+            chunks = responses
         model = self.subspace.model
-        out = []
+        blocks: list[torch.Tensor] = []
+        out: Optional[torch.Tensor] = None
+        row = 0
         with torch.inference_mode(), evaluation_mode(model), differentiable_attention(model):
             base_value = None
             zero = torch.zeros(self.subspace.dim, device=self.subspace.device, dtype=self._dtype())
@@ -91,10 +104,23 @@ class ForwardReadout:
                     )
                 for lo in range(0, chunk.shape[0], self.chunk_size):
                     block = chunk[lo : lo + self.chunk_size].to(device=self.subspace.device, dtype=self._dtype())
-                    out.append(self._block_scores(block, batch, zero, base_value))
-        if not out:
-            return torch.zeros(0, 0)
-        return torch.cat(out, dim=0).T.contiguous()
+                    values = self._block_scores(block, batch, zero, base_value)
+                    if num_directions is None:
+                        blocks.append(values)
+                        continue
+                    if out is None:
+                        out = torch.empty(num_directions, values.shape[1], dtype=values.dtype, device=values.device)
+                    if row + len(values) > num_directions:
+                        raise ReadoutError(f"More response rows streamed than num_directions={num_directions}.")
+                    out[row : row + len(values)] = values
+                    row += len(values)
+        if num_directions is not None:
+            if out is None or row != num_directions:
+                raise ReadoutError(f"{row} response rows streamed, num_directions={num_directions} expected.")
+            return out.T.contiguous()
+        if not blocks:
+            raise ReadoutError("No responses to score against.")
+        return torch.cat(blocks, dim=0).T.contiguous()
 
     def _dtype(self) -> torch.dtype:
         dtype = self.subspace.parameter_dtype
