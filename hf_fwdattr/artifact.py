@@ -361,7 +361,7 @@ class InfluenceArtifact:
         self._refuse_foreign(directory, overwrite)
         if isinstance(self._store, ShardedResponses) and self._store.directory.resolve() == directory.resolve():
             pass  # shards already in place (e.g. written during the simulation)
-        elif self.path is not None and self.path.resolve() == directory.resolve():
+        elif directory.resolve() in self._store.directories():
             # rewriting a folder the responses are read from: build it aside, then swap it in
             with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}-") as tmp:
                 self.save_pretrained(Path(tmp) / "artifact", max_shard_size, overwrite=True)

@@ -118,6 +118,10 @@ class ShardedResponses:
         """Total number of rows over all shards."""
         return self.offsets[-1]
 
+    def directories(self) -> set[Path]:
+        """Folders whose files this store reads."""
+        return {self.directory.resolve()}
+
     @classmethod
     def open(cls, directory: Union[str, Path]) -> "ShardedResponses":
         """Open the shards listed by the index in `directory`, checking each one's size and header."""
@@ -199,9 +203,13 @@ class ShardWriter:
     """Writes response rows into `directory` shard by shard, atomically and resumably.
 
     The shard plan and an `identity` (anything that determines the rows: settings, fingerprints,
-    document ids) are recorded in a progress file. A writer created again on the same directory with
-    the same identity and plan keeps every shard already finished, so an interrupted save or
-    simulation continues where it stopped; a different identity is refused rather than mixed in.
+    document ids) are recorded in a progress file when the save starts. A shard counts as finished
+    when its file exists (it only gets its name by an atomic rename after a complete write) and its
+    header is a [rows, dim] tensor of the planned dtype. A writer created again on the same directory
+    with the same identity and plan keeps every finished shard, so an interrupted save or simulation
+    continues where it stopped; a different identity is refused rather than mixed in. Several
+    processes may write disjoint shards of one plan: one creates it (`create=True`), the others
+    join it (`create=False`), and one calls `finish()` after all are done.
 
     Args:
         directory: target folder (created if needed).
@@ -209,6 +217,7 @@ class ShardWriter:
         num_rows, dim, dtype: shape and dtype of the full response matrix.
         max_shard_size: bytes per shard (int or "500MB"-style string).
         shard_rows: explicit rows per shard (overrides `max_shard_size`).
+        create: start (or resume) the plan; False joins a plan another process created.
     """
 
     def __init__(
@@ -220,12 +229,12 @@ class ShardWriter:
         dtype: torch.dtype,
         max_shard_size: Union[int, str] = "1GB",
         shard_rows: Optional[int] = None,
+        create: bool = True,
     ):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.dim, self.dtype = dim, dtype
         if num_rows < 1:
             raise ArtifactError("An artifact needs at least one response row; there is nothing to save.")
+        self.directory = Path(directory)
+        self.dim, self.dtype = dim, dtype
         itemsize = torch.empty(0, dtype=dtype).element_size()
         per_shard = shard_rows or max(1, parse_size(max_shard_size) // max(1, dim * itemsize))
         counts = [min(per_shard, num_rows - lo) for lo in range(0, num_rows, per_shard)]
@@ -234,60 +243,77 @@ class ShardWriter:
         self.offsets = [0]
         for count in counts:
             self.offsets.append(self.offsets[-1] + count)
-        self.finished: dict[int, ShardInfo] = {}
-        self._resume()
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._start_or_resume()
+        else:
+            self._check_plan()
 
     def _progress_path(self) -> Path:
         return self.directory / PROGRESS_NAME
 
-    def _resume(self) -> None:
+    def _check_plan(self) -> None:
         path = self._progress_path()
         if not path.is_file():
-            write_json_atomic(path, {"plan": self.plan, "finished": {}})
-            return
-        progress = json.loads(path.read_text(encoding="utf-8"))
-        if progress.get("plan") != self.plan:
+            raise ArtifactError(f"No save in progress in {self.directory}: the process that starts it must create the plan first.")
+        there = json.loads(path.read_text(encoding="utf-8")).get("plan")
+        if there != self.plan:
             raise ArtifactError(
-                f"{self.directory} holds an unfinished save with other settings.\n  there: {json.dumps(progress.get('plan'), sort_keys=True)[:2000]}\n"
+                f"{self.directory} holds an unfinished save with other settings.\n  there: {json.dumps(there, sort_keys=True)[:2000]}\n"
                 f"  now:   {json.dumps(self.plan, sort_keys=True)[:2000]}\nSave to another directory, or delete {path.name} and its shards to start over."
             )
-        for key, info in progress.get("finished", {}).items():
-            shard = ShardInfo(**info)
-            candidate = self.directory / shard.filename
-            if candidate.is_file() and os.path.getsize(candidate) == shard.nbytes and _describe_shard(candidate, shard.rows) == shard:
-                self.finished[int(key)] = shard
+
+    def _start_or_resume(self) -> None:
+        if self._progress_path().is_file():
+            self._check_plan()
+            return
+        for stale in self.directory.glob("responses-*-of-*.safetensors*"):  # shards of a finished or foreign save
+            stale.unlink()
+        write_json_atomic(self._progress_path(), {"plan": self.plan})
+
+    def _is_finished(self, index: int) -> bool:
+        path = self.directory / self.names[index]
+        if not path.is_file():
+            return False
+        try:
+            raw, header = _read_header(path)
+        except ArtifactError:
+            return False
+        entry = header.get(TENSOR_NAME, {})
+        rows = self.offsets[index + 1] - self.offsets[index]
+        complete = os.path.getsize(path) == len(raw) + entry.get("data_offsets", [0, -1])[1]
+        return entry.get("shape") == [rows, self.dim] and entry.get("dtype") == self.plan["dtype"] and complete
 
     def pending(self) -> list[tuple[int, int, int]]:
         """(shard index, first row, end row) of every shard not yet written."""
-        return [(i, self.offsets[i], self.offsets[i + 1]) for i in range(len(self.names)) if i not in self.finished]
+        return [(i, self.offsets[i], self.offsets[i + 1]) for i in range(len(self.names)) if not self._is_finished(i)]
 
     def write(self, index: int, rows: torch.Tensor) -> None:
-        """Write shard `index` (its rows, shape [count, dim]) atomically and record it as finished."""
+        """Write shard `index` (its rows, shape [count, dim]) through a temporary file and a rename."""
         expected = (self.offsets[index + 1] - self.offsets[index], self.dim)
         if tuple(rows.shape) != expected:
             raise ArtifactError(f"Shard {index} needs rows of shape {expected}, got {tuple(rows.shape)}.")
         path = self.directory / self.names[index]
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({TENSOR_NAME: rows.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
-        self.finished[index] = _describe_shard(path, expected[0])
-        write_json_atomic(self._progress_path(), {"plan": self.plan, "finished": {str(k): v.to_dict() for k, v in self.finished.items()}})
 
-    def write_all(self, responses: Union[torch.Tensor, ShardedResponses]) -> None:
+    def write_all(self, responses: Union[torch.Tensor, "ShardedResponses"]) -> None:
         """Write every pending shard from an in-memory tensor or another store."""
         for index, lo, hi in self.pending():
             block = responses[lo:hi] if isinstance(responses, torch.Tensor) else responses.rows(list(range(lo, hi)))
             self.write(index, block)
 
     def finish(self, extra_metadata: Optional[dict] = None) -> ShardedResponses:
-        """Write the index (the commit point), remove the progress file and stale shards, and open the store."""
-        if self.pending():
-            raise ArtifactError(f"{len(self.pending())} shard(s) are not written yet; cannot finish the save.")
-        shards = [self.finished[i] for i in range(len(self.names))]
+        """Write the index (the commit point), remove the progress file and stale files, and open the store."""
+        missing = self.pending()
+        if missing:
+            raise ArtifactError(f"{len(missing)} shard(s) are not written yet (first: {self.names[missing[0][0]]}); cannot finish the save.")
+        shards = [_describe_shard(self.directory / name, self.offsets[i + 1] - self.offsets[i]) for i, name in enumerate(self.names)]
         metadata = {"dim": self.dim, "dtype": _DTYPE_NAMES[self.dtype], "total_rows": self.offsets[-1],
                     "total_size": sum(s.nbytes for s in shards), **(extra_metadata or {})}
         write_json_atomic(self.directory / INDEX_NAME, {"metadata": metadata, "shards": [s.to_dict() for s in shards]})
-        keep = {s.filename for s in shards}
+        keep = set(self.names)
         for stale in self.directory.glob("responses-*-of-*.safetensors*"):
             if stale.name not in keep:
                 stale.unlink()
@@ -307,6 +333,9 @@ class InMemoryResponses:
     @property
     def num_rows(self) -> int:
         return self.tensor.shape[0]
+
+    def directories(self) -> set[Path]:
+        return set()
 
     def iter_chunks(self, chunk_rows: int = 4096, device=None) -> Iterator[torch.Tensor]:
         for lo in range(0, self.num_rows, chunk_rows):
@@ -335,6 +364,9 @@ class ComposedResponses:
     @property
     def num_rows(self) -> int:
         return sum(self.lengths)
+
+    def directories(self) -> set[Path]:
+        return set().union(*(store.directories() for store, _ in self.parts))
 
     def iter_chunks(self, chunk_rows: int = 4096, device=None) -> Iterator[torch.Tensor]:
         for store, rows in self.parts:
