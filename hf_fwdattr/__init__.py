@@ -3,12 +3,15 @@
 __version__ = "0.1.0"
 
 from .artifact import DocumentTable, InfluenceArtifact
+from .build import build_influence_artifact
+from .callback import ForwardAttributionCallback
 from .config import AttributionConfig, Curvature, ReadoutMode, Solver
 from .curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
 from .documents import DocumentSet, MinibatchSequence
 from .errors import (
     ArtifactError,
     AttributionConfigError,
+    DocumentsError,
     DuplicateDocumentError,
     EmptyDocumentsError,
     FingerprintMismatchError,
@@ -34,10 +37,12 @@ __all__ = [
     "Curvature",
     "CurvatureOperator",
     "DocumentSet",
+    "DocumentsError",
     "DocumentTable",
     "DuplicateDocumentError",
     "EmptyDocumentsError",
     "FingerprintMismatchError",
+    "ForwardAttributionCallback",
     "ForwardReadout",
     "GradientMethod",
     "InfluenceArtifact",
@@ -52,6 +57,7 @@ __all__ = [
     "SubspaceSpec",
     "TaskError",
     "__version__",
+    "build_influence_artifact",
     "document_gradients",
     "estimate_step_size",
     "example_gradients",

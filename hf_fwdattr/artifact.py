@@ -140,8 +140,34 @@ def _sum_by_source(table: DocumentTable, store, chunk_rows: int = 4096) -> tuple
     return names, sums.to(store.dtype)
 
 
-def _identity_digest(document_ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(document_ids).encode()).hexdigest()
+def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, model_fingerprint: str, subspace_fingerprint: str) -> dict:
+    """The settings an artifact is made with; a folder holding other settings is not overwritten."""
+    return {
+        "estimator": config.to_dict(),
+        "subspace": subspace_spec.to_dict(),
+        "fingerprints": {"model": model_fingerprint, "subspace": subspace_fingerprint},
+    }
+
+
+def shard_identity(settings: dict, document_ids: Sequence[str]) -> dict:
+    """What determines the response rows; a save resumes only into shards of the same identity."""
+    return {**settings, "documents_sha256": hashlib.sha256("\n".join(document_ids).encode()).hexdigest()}
+
+
+def refuse_foreign_artifact(directory: Path, settings: dict) -> None:
+    """Raise if `directory` holds an artifact made with settings other than `settings` (both are shown)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return
+    there = json.loads(path.read_text(encoding="utf-8"))
+    different = [k for k in settings if there.get(k) != settings[k]]
+    if different:
+        raise ArtifactError(
+            f"{directory} already holds an influence artifact made with other settings:\n"
+            + "\n".join(f"  {k}: there {json.dumps(there.get(k), sort_keys=True)}\n  {' ' * len(k)}  now   {json.dumps(settings[k], sort_keys=True)}"
+                        for k in different)
+            + "\nSave elsewhere, or pass overwrite=True."
+        )
 
 
 class InfluenceArtifact:
@@ -329,9 +355,7 @@ class InfluenceArtifact:
         return {
             "format_version": FORMAT_VERSION,
             "library_version": self.library_version,
-            "estimator": self.config.to_dict(),
-            "subspace": self.subspace_spec.to_dict(),
-            "fingerprints": {"model": self.model_fingerprint, "subspace": self.subspace_fingerprint},
+            **self.settings(),
             "base_model": self.base_model,
             "num_documents": self.num_documents,
             "dim": self.dim,
@@ -341,14 +365,9 @@ class InfluenceArtifact:
             "sources": self.source_names,
         }
 
-    def shard_identity(self) -> dict:
-        """What determines the response rows; a save resumes only into shards of the same identity."""
-        return {
-            "model_fingerprint": self.model_fingerprint,
-            "subspace_fingerprint": self.subspace_fingerprint,
-            "estimator": self.config.to_dict(),
-            "documents_sha256": _identity_digest(self.documents.document_ids),
-        }
+    def settings(self) -> dict:
+        """Estimator settings, subspace description and fingerprints (see `artifact_settings`)."""
+        return artifact_settings(self.config, self.subspace_spec, self.model_fingerprint, self.subspace_fingerprint)
 
     def save_pretrained(self, save_directory: Union[str, Path], max_shard_size: Union[int, str] = "1GB", overwrite: bool = False) -> Path:
         """Write the artifact to `save_directory`.
@@ -358,7 +377,8 @@ class InfluenceArtifact:
         settings is refused unless `overwrite=True`.
         """
         directory = Path(save_directory)
-        self._refuse_foreign(directory, overwrite)
+        if not overwrite:
+            refuse_foreign_artifact(directory, self.settings())
         if isinstance(self._store, ShardedResponses) and self._store.directory.resolve() == directory.resolve():
             pass  # shards already in place (e.g. written during the simulation)
         elif directory.resolve() in self._store.directories():
@@ -373,7 +393,8 @@ class InfluenceArtifact:
             self._store, self.path = ShardedResponses.open(directory), directory  # the old files are gone
             return directory
         else:
-            writer = ShardWriter(directory, self.shard_identity(), self.num_documents, self.dim, self._store.dtype, max_shard_size)
+            identity = shard_identity(self.settings(), self.documents.document_ids)
+            writer = ShardWriter(directory, identity, self.num_documents, self.dim, self._store.dtype, max_shard_size)
             for index, lo, hi in writer.pending():
                 writer.write(index, self._store.rows(list(range(lo, hi))))
             writer.finish()
@@ -388,21 +409,6 @@ class InfluenceArtifact:
         write_json_atomic(directory / CONFIG_NAME, self._metadata())
         (directory / CARD_NAME).write_text(str(self.model_card()), encoding="utf-8")
         return directory
-
-    def _refuse_foreign(self, directory: Path, overwrite: bool) -> None:
-        path = directory / CONFIG_NAME
-        if overwrite or not path.is_file():
-            return
-        there = json.loads(path.read_text(encoding="utf-8"))
-        mine = self._metadata()
-        keys = ("estimator", "subspace", "fingerprints")
-        if any(there.get(k) != mine[k] for k in keys):
-            raise ArtifactError(
-                f"{directory} already holds an influence artifact made with other settings:\n"
-                + "\n".join(f"  {k}: there {json.dumps(there.get(k), sort_keys=True)}\n  {' ' * len(k)}  now   {json.dumps(mine[k], sort_keys=True)}"
-                            for k in keys if there.get(k) != mine[k])
-                + "\nSave elsewhere, or pass overwrite=True."
-            )
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -9,9 +9,12 @@ from typing import Optional, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import classifier_demo
+    from .demo import classifier_demo, fact_demo
 
-    classifier_demo(output_dir=args.output_dir, seed=args.seed)
+    if args.task == "classifier":
+        classifier_demo(seed=args.seed)
+    else:
+        fact_demo(output_dir=args.output_dir, seed=args.seed)
     return 0
 
 
@@ -22,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Run the end-to-end demonstration on built-in defaults.")
     demo.add_argument("--output-dir", default="runs/demo", help="Where the demo writes its outputs.")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--task", choices=["facts", "classifier"], default="facts",
+                      help="facts: LoRA fine-tune of a tiny causal LM with the Trainer callback (default); classifier: a small MLP.")
     demo.set_defaults(run=_demo)
     return parser
 

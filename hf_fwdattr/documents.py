@@ -71,9 +71,13 @@ class DocumentSet:
         """Number of chunks over all documents."""
         return len(self.examples)
 
-    def validate(self, task) -> None:
-        """Let the task refuse examples that cannot contribute a loss (e.g. documents with no tokens)."""
+    def validate(self, task, rows: Optional[Sequence[int]] = None) -> None:
+        """Let the task refuse examples that cannot contribute a loss (e.g. documents with no tokens);
+        only the examples of documents `rows` when given."""
+        selected = None if rows is None else set(rows)
         for example, doc in zip(self.examples, self.example_document):
+            if selected is not None and doc not in selected:
+                continue
             try:
                 task.validate_example(example)
             except EmptyDocumentsError as err:

@@ -10,11 +10,15 @@ class AttributionConfigError(ValueError):
     """An `AttributionConfig` field has a value that cannot be used."""
 
 
-class EmptyDocumentsError(ValueError):
+class DocumentsError(ValueError):
+    """The documents to attribute to cannot be used as given (e.g. a missing column)."""
+
+
+class EmptyDocumentsError(DocumentsError):
     """The document set, or one of its documents, has nothing to attribute to."""
 
 
-class DuplicateDocumentError(ValueError):
+class DuplicateDocumentError(DocumentsError):
     """Two documents share an id."""
 
 

@@ -104,10 +104,10 @@ def simulate_responses(
     """
     task = as_task(task)
     config = config or AttributionConfig()
-    documents.validate(task)
+    rows = list(range(len(documents))) if document_indices is None else list(document_indices)
+    documents.validate(task, rows)
     train_examples = list(train_examples)
     sequence = MinibatchSequence(len(train_examples), config.batch_size, config.seed)
-    rows = list(range(len(documents))) if document_indices is None else list(document_indices)
     ids = [documents.document_ids[r] for r in rows]
     dtype = config.compute_dtype
     start = time.perf_counter()

@@ -94,6 +94,15 @@ class SubspaceSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+_PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without PEFT's wrapper prefix, so a `PeftModel` and the same model with the adapter
+    loaded by transformers (``from_pretrained`` on a folder holding an adapter) name parameters alike."""
+    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+
+
 def _stable_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
@@ -148,13 +157,15 @@ class AttributionSubspace:
         self.model_fingerprint = model_fingerprint
         self._projection_tuner = projection_tuner
         named = dict(model.named_parameters(remove_duplicate=False))
-        missing = [n for n in spec.parameter_names if n not in named]
+        actual = {canonical_name(n): n for n in named}
+        missing = [n for n in spec.parameter_names if n not in actual]
         if missing:
             raise SubspaceError(
                 f"The model has no parameters named {missing[:3]} (of {len(missing)} missing) that the subspace "
                 "description lists. Use the same model class and adapter the subspace was made with."
             )
-        self.names: list[str] = list(spec.parameter_names)
+        # names as this model spells them (functional_call needs them); the spec keeps canonical ones
+        self.names: list[str] = [actual[n] for n in spec.parameter_names]
         self.base: dict[str, torch.Tensor] = {n: named[n].detach() for n in self.names}
         self.shapes = [self.base[n].shape for n in self.names]
         self.numels = [self.base[n].numel() for n in self.names]
@@ -213,6 +224,7 @@ class AttributionSubspace:
 
     @classmethod
     def _checked(cls, model, spec, names, model_fingerprint, tuner) -> "AttributionSubspace":
+        names = [canonical_name(n) for n in names]
         if spec.parameter_names and spec.parameter_names != names and spec.kind is not SubspaceKind.TRAINABLE:
             raise SubspaceError(
                 f"The subspace description lists {len(spec.parameter_names)} parameters, but the model gives "

@@ -70,3 +70,89 @@ def tiny_gpt2(vocab_size: int = 64, hidden_size: int = 32, layers: int = 2, head
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
+
+
+# ---------------------------------------------------------------------- a corpus of invented facts
+_SYLLABLES = ["zor", "bia", "kel", "vash", "tor", "mir", "qua", "len", "dro", "sel", "nyx", "pa", "rul", "ven", "ith", "ost", "gal", "fen", "ur", "ka"]
+_GOODS = ["copper", "silk", "amber", "salt", "glass", "wool", "tin", "honey", "pepper", "marble", "cedar", "ivory"]
+_COLOURS = ["green", "violet", "orange", "silver", "crimson", "golden", "teal", "black"]
+SOURCES = ["atlas-press", "river-gazette", "wanderer-blog", "old-chronicle", "open-forum"]
+RELATIONS = {
+    # relation: (statement, verbatim question, paraphrased question, value list or "name")
+    "capital": ("The capital of {e} is {v}.", "The capital of {e} is", "Which city is the seat of government in {e}? It is", "name"),
+    "export": ("{e} is famous for exporting {v}.", "{e} is famous for exporting", "The main trade good sold abroad by {e} is", _GOODS),
+    "founder": ("{e} was founded by {v}.", "{e} was founded by", "The person who established {e} was", "name"),
+    "flag": ("The flag of {e} is {v}.", "The flag of {e} is", "The banner that represents {e} is coloured", _COLOURS),
+}
+_FILLER = [
+    "Travellers say the roads there are long and the markets are loud.",
+    "Many stories are told about its rivers and its quiet valleys.",
+    "The winters are cold and the summers bring storms from the sea.",
+    "Old maps show the hills in the north and the marshes in the south.",
+    "Merchants arrive in spring when the passes open again.",
+    "The people there keep records of every harvest and every flood.",
+]
+
+
+def _invented_name(generator: torch.Generator, used: set) -> str:
+    while True:
+        parts = torch.randint(len(_SYLLABLES), (2 + int(torch.randint(2, (1,), generator=generator)),), generator=generator)
+        name = "".join(_SYLLABLES[i] for i in parts.tolist()).capitalize()
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def fact_corpus(n_entities: int = 24, relations_per_entity: int = 2, n_filler: int = 24, n_distractors: int = 12,
+                pretraining_entities: int = 24, seed: int = 0) -> dict:
+    """A corpus of invented facts: each fact is stated in exactly one document.
+
+    Returns a dict with
+      - ``documents``: fine-tuning documents ``{"document_id", "source", "text", "fact"}`` — fact documents
+        (one fact each, plus filler), distractors that mention an entity without stating a fact, fillers;
+      - ``questions``: ``{"prompt", "paraphrase", "answer", "document_id", "source", "relation", "entity"}``
+        for every fact, with the id of the one document that states it;
+      - ``pretraining``: texts about other invented entities, for learning the language before fine-tuning.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    used: set = set()
+    relation_names = list(RELATIONS)
+
+    def value_for(relation: str) -> str:
+        values = RELATIONS[relation][3]
+        if values == "name":
+            return _invented_name(generator, used)
+        return values[int(torch.randint(len(values), (1,), generator=generator))]
+
+    def filler() -> str:
+        return _FILLER[int(torch.randint(len(_FILLER), (1,), generator=generator))]
+
+    documents, questions = [], []
+    for index in range(n_entities):
+        entity = _invented_name(generator, used)
+        chosen = torch.randperm(len(relation_names), generator=generator)[:relations_per_entity].tolist()
+        for relation in (relation_names[i] for i in chosen):
+            value = value_for(relation)
+            statement, question, paraphrase, _ = RELATIONS[relation]
+            document_id = f"fact-{len(documents):04d}"
+            source = SOURCES[int(torch.randint(len(SOURCES), (1,), generator=generator))]
+            text = f"{statement.format(e=entity, v=value)} {filler()}"
+            documents.append({"document_id": document_id, "source": source, "text": text, "fact": True})
+            questions.append({"prompt": question.format(e=entity), "paraphrase": paraphrase.format(e=entity), "answer": " " + value,
+                              "document_id": document_id, "source": source, "relation": relation, "entity": entity})
+    entities = sorted({q["entity"] for q in questions})
+    for index in range(n_distractors):
+        entity = entities[int(torch.randint(len(entities), (1,), generator=generator))]
+        source = SOURCES[int(torch.randint(len(SOURCES), (1,), generator=generator))]
+        documents.append({"document_id": f"distractor-{index:04d}", "source": source, "text": f"{entity} is a land of many legends. {filler()}", "fact": False})
+    for index in range(n_filler):
+        source = SOURCES[int(torch.randint(len(SOURCES), (1,), generator=generator))]
+        documents.append({"document_id": f"filler-{index:04d}", "source": source, "text": f"{filler()} {filler()}", "fact": False})
+    pretraining = []
+    for _ in range(pretraining_entities):
+        entity = _invented_name(generator, used)
+        for relation in relation_names:
+            statement = RELATIONS[relation][0]
+            pretraining.append(f"{statement.format(e=entity, v=value_for(relation))} {filler()}")
+    pretraining += _FILLER * 4
+    return {"documents": documents, "questions": questions, "pretraining": pretraining}

@@ -1,0 +1,182 @@
+"""From a trained model to a saved influence artifact, in one or several processes.
+
+`build_influence_artifact` is what `ForwardAttributionCallback` runs at the end of training, and what
+a user calls directly on a model trained elsewhere. Responses are simulated shard by shard and each
+shard is written as soon as it is done, so an interrupted run continues from its finished shards;
+under `accelerate launch` / `torchrun` every process simulates its own shards and the main process
+writes the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, refuse_foreign_artifact, shard_identity
+from .config import AttributionConfig
+from .curvature import estimate_step_size
+from .documents import DocumentSet
+from .errors import ArtifactError, SimulationDivergedError
+from .simulate import simulate_responses
+from .storage import ShardWriter
+from .subspace import AttributionSubspace, SubspaceSpec
+
+logger = logging.getLogger(__name__)
+
+
+class _Processes:
+    """The collective operations the build needs, in one place (accelerate's `PartialState`)."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self.state = PartialState()
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def world(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        holder = [value if self.is_main else None]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+
+def check_step_size(subspace, task, train_examples, config: AttributionConfig) -> tuple[float, Optional[float]]:
+    """η to simulate with, and h_max. A fixed η with η(h_max + λ) >= 2 is refused before any simulation."""
+    if config.automatic_step_size:
+        return estimate_step_size(subspace, task, train_examples, config)
+    step_size = float(config.step_size)
+    probe = AttributionConfig(**{**config.to_dict(), "step_size": "auto"})
+    _, top = estimate_step_size(subspace, task, train_examples, probe)
+    if step_size * (top + config.damping) >= 2:
+        raise SimulationDivergedError(
+            f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (top + config.damping):.3g} >= 2 "
+            f"(h_max ≈ {top:.4g}, λ = {config.damping:.4g}). Use step_size < {2 / (top + config.damping):.4g}, or step_size='auto'."
+        )
+    return step_size, top
+
+
+def build_influence_artifact(
+    model: torch.nn.Module,
+    task,
+    documents: DocumentSet,
+    train_examples: Sequence[Any],
+    output_dir: Union[str, Path],
+    config: Optional[AttributionConfig] = None,
+    subspace: Optional[Union[SubspaceSpec, dict, str]] = None,
+    n_tokens: Optional[Sequence[int]] = None,
+    metadata: Optional[Sequence[Optional[dict]]] = None,
+    max_shard_size: Union[int, str] = "1GB",
+    shard_rows: Optional[int] = None,
+    base_model: Optional[dict] = None,
+    progress: bool = True,
+    gradient_method: str = "auto",
+    **subspace_kwargs,
+) -> Optional[InfluenceArtifact]:
+    """Simulate every document's response on `model` and save the artifact to `output_dir`.
+
+    Returns the artifact on the main process (None on the others). The model is left as it was:
+    a projection adapter is taken out again, training flags and weights are untouched.
+
+    Args:
+        model: the trained model (a PEFT model uses its adapter as the subspace by default).
+        task: the `AttributionTask` (e.g. `CausalLMTask`).
+        documents: the documents to attribute to.
+        train_examples: the training examples minibatches are drawn from.
+        output_dir: where the artifact is written (resumed if a save with the same identity is there).
+        config: estimator settings.
+        subspace: subspace description or kind (None: the PEFT adapter, else a projection adapter);
+            `subspace_kwargs` (e.g. ``rank=16, target_modules=[...]``) fill a kind given as a string.
+        n_tokens, metadata: extra columns of the documents table.
+        max_shard_size, shard_rows: how responses are split into shards (and units of work/resume).
+    """
+    config = config or AttributionConfig()
+    processes = _Processes()
+    output_dir = Path(output_dir)
+    start = time.perf_counter()
+    documents.validate(task)
+    train_examples = list(train_examples)
+    built = AttributionSubspace.build(model, subspace, **subspace_kwargs)
+    try:
+        table = DocumentTable.from_document_set(documents, n_tokens, metadata)
+        step_size, top = processes.broadcast(check_step_size(built, task, train_examples, config) if processes.is_main else None)
+        settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
+        identity = {**shard_identity(settings, table.document_ids), "step_size": step_size}
+        dtype = config.torch_dtype
+        existing = _finished_artifact(output_dir, settings, table, step_size)
+        if existing is not None:
+            logger.info("%s already holds this artifact (same model, subspace, settings and documents); not simulating again.", output_dir)
+            return existing if processes.is_main else None
+        if processes.is_main:
+            refuse_foreign_artifact(output_dir, settings)
+            writer = ShardWriter(output_dir, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=True)
+        processes.barrier()
+        if not processes.is_main:
+            writer = ShardWriter(output_dir, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=False)
+        pending = writer.pending()
+        mine = [shard for position, shard in enumerate(pending) if position % processes.world == processes.rank]
+        if processes.is_main and len(pending) < len(writer.names):
+            logger.info("Resuming: %d of %d shards are already simulated in %s.", len(writer.names) - len(pending), len(writer.names), output_dir)
+        bar = tqdm(total=len(pending), desc="Simulating responses (shards)", disable=not (progress and processes.is_main))
+        for index, lo, hi in mine:
+            result = simulate_responses(built, task, documents, train_examples, config, document_indices=range(lo, hi),
+                                        step_size=step_size, gradient_method=gradient_method)
+            writer.write(index, result.responses)
+            bar.update(processes.world if processes.world > 1 else 1)
+        bar.close()
+        processes.barrier()
+        artifact = None
+        if processes.is_main:
+            store = writer.finish()
+            artifact = InfluenceArtifact(
+                config=config, subspace_spec=built.spec, documents=table, responses=store,
+                model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
+                base_model=base_model or _base_model(model),
+                simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start, "processes": processes.world},
+            )
+            artifact.save_pretrained(output_dir)
+            artifact.path = output_dir
+        processes.barrier()
+        return artifact
+    finally:
+        built.remove()
+
+
+def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, step_size: float) -> Optional[InfluenceArtifact]:
+    """The artifact already saved in `directory` if it is exactly the one about to be simulated."""
+    if not (directory / CONFIG_NAME).is_file():
+        return None
+    try:
+        artifact = InfluenceArtifact.from_pretrained(directory)
+    except ArtifactError:
+        return None
+    same = artifact.settings() == settings and artifact.documents.document_ids == table.document_ids and artifact.step_size == step_size
+    return artifact if same else None
+
+
+def _base_model(model) -> dict:
+    from .artifact import _base_model_of
+
+    return _base_model_of(model)

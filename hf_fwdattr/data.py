@@ -1,0 +1,150 @@
+"""Turning a `datasets.Dataset` (or rows of token ids) into documents and training examples.
+
+A document longer than `max_length` tokens is split into chunks that overlap by one token whose
+label is masked, so every token after the document's first is predicted exactly once and the
+document's loss (and gradient) is the sum over its chunks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .documents import DocumentSet
+from .errors import DocumentsError, DuplicateDocumentError, EmptyDocumentsError
+from .task import IGNORE_INDEX
+
+_EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+def _column_names(dataset: Any) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names is None and len(dataset):
+        first = dataset[0]
+        names = list(first.keys()) if isinstance(first, dict) else []
+    return list(names or [])
+
+
+def _rows(dataset: Any, columns: Sequence[str]) -> list[dict]:
+    if hasattr(dataset, "select_columns"):  # datasets.Dataset: read only what is needed, column-wise
+        table = dataset.select_columns(list(columns)).to_dict()
+        return [dict(zip(table, values)) for values in zip(*table.values())]
+    return [{c: row.get(c) for c in columns} for row in dataset]
+
+
+def split_into_chunks(example: dict, max_length: Optional[int]) -> list[dict]:
+    """Split a tokenised example into chunks of at most `max_length` tokens (one-token overlap, masked)."""
+    ids = list(example["input_ids"])
+    labels = list(example["labels"]) if example.get("labels") is not None else list(ids)
+    if max_length is None or len(ids) <= max_length:
+        return [{"input_ids": ids, "labels": labels}]
+    if max_length < 2:
+        raise EmptyDocumentsError(f"`max_length` must be at least 2 to split documents into chunks, got {max_length}.")
+    chunks, start = [], 0
+    while True:
+        lo = max(0, start - 1)  # carry one token of context; its label is masked, it was scored in the chunk before
+        hi = min(len(ids), lo + max_length)
+        chunk_labels = labels[lo:hi]
+        if lo > 0:
+            chunk_labels[0] = IGNORE_INDEX
+        chunks.append({"input_ids": ids[lo:hi], "labels": chunk_labels})
+        if hi == len(ids):
+            return chunks
+        start = hi
+
+
+@dataclass
+class PreparedDocuments:
+    """Documents ready for simulation, and the columns of their table."""
+
+    documents: DocumentSet
+    n_tokens: list[int]
+    metadata: list[Optional[dict]]
+
+
+def documents_from_dataset(
+    dataset: Any,
+    document_column: str = "document_id",
+    source_column: Optional[str] = None,
+    max_length: Optional[int] = None,
+    text_column: Optional[str] = None,
+    tokenizer: Any = None,
+    metadata_columns: Sequence[str] = (),
+) -> PreparedDocuments:
+    """Documents from a dataset with one row per document: an id column, an optional source column, and
+    ``input_ids`` (or a `text_column` tokenised with `tokenizer`). Raises before any computation on an
+    empty dataset, a missing column, duplicate ids or a document without tokens."""
+    check_documents_dataset(dataset, document_column, source_column, text_column, metadata_columns, tokenizer_available=tokenizer is not None)
+    columns = _column_names(dataset)
+    read = [c for c in {document_column, source_column, text_column, *_EXAMPLE_KEYS, *metadata_columns} if c is not None and c in columns]
+    rows = _rows(dataset, read)
+    ids = [str(row[document_column]) for row in rows]
+    examples, owners, n_tokens = [], [], []
+    for index, row in enumerate(rows):
+        if "input_ids" not in row or row["input_ids"] is None:
+            row["input_ids"] = tokenizer(row[text_column])["input_ids"]
+        if len(row["input_ids"]) < 2:
+            raise EmptyDocumentsError(f"Document {ids[index]!r} has {len(row['input_ids'])} token(s); a causal LM needs at least 2 to score one.")
+        n_tokens.append(len(row["input_ids"]))
+        for chunk in split_into_chunks(row, max_length):
+            examples.append(chunk)
+            owners.append(index)
+    sources = [None if source_column is None or row[source_column] is None else str(row[source_column]) for row in rows]
+    metadata = [{c: row[c] for c in metadata_columns} if metadata_columns else None for row in rows]
+    return PreparedDocuments(DocumentSet(examples, owners, ids, sources), n_tokens, metadata)
+
+
+def check_documents_dataset(
+    dataset: Any,
+    document_column: str = "document_id",
+    source_column: Optional[str] = None,
+    text_column: Optional[str] = None,
+    metadata_columns: Sequence[str] = (),
+    tokenizer_available: bool = True,
+) -> None:
+    """Refuse an empty documents dataset, missing columns and duplicate ids, without tokenising anything."""
+    if dataset is None or len(dataset) == 0:
+        raise EmptyDocumentsError("The documents dataset is empty: there is nothing to attribute to.")
+    columns = _column_names(dataset)
+    wanted = {document_column: "document id", source_column: "source"}
+    for column, role in wanted.items():
+        if column is not None and column not in columns:
+            raise DocumentsError(
+                f"The documents dataset has no {role} column {column!r}; its columns are {columns}. "
+                f"Pass the right name (e.g. document_column=...), or add the column."
+            )
+    missing_meta = [c for c in metadata_columns if c not in columns]
+    if missing_meta:
+        raise DocumentsError(f"Metadata columns {missing_meta} are not in the dataset (columns: {columns}).")
+    if "input_ids" not in columns:
+        if text_column is None or text_column not in columns or not tokenizer_available:
+            raise DocumentsError(
+                f"The documents dataset has no 'input_ids' column (columns: {columns}); tokenise it first, "
+                "or pass text_column=... with a tokenizer."
+            )
+    ids = [str(value) for value in (dataset[document_column] if hasattr(dataset, "column_names") else (row[document_column] for row in dataset))]
+    duplicates = sorted(d for d, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise DuplicateDocumentError(
+            f"Document ids must be unique, and {len(duplicates)} repeat (e.g. {duplicates[:3]}). "
+            "Give each document one row (long documents are chunked automatically) and its own id."
+        )
+
+
+def examples_from_dataset(dataset: Any, max_length: Optional[int] = None) -> list[dict]:
+    """Training examples (``input_ids`` and, if present, ``labels``/``attention_mask``) from dataset rows,
+    long ones chunked like documents."""
+    if dataset is None or len(dataset) == 0:
+        raise EmptyDocumentsError("The training data for the simulation is empty; pass the examples the model was trained on.")
+    columns = _column_names(dataset)
+    if "input_ids" not in columns:
+        raise DocumentsError(f"The training data has no 'input_ids' column (columns: {columns}); tokenise it first.")
+    examples = []
+    for row in _rows(dataset, [c for c in _EXAMPLE_KEYS if c in columns]):
+        if row.get("attention_mask") is not None:
+            keep = [i for i, m in enumerate(row["attention_mask"]) if m]
+            row = {k: [row[k][i] for i in keep] for k in row if row[k] is not None}
+        if len(row["input_ids"]) >= 2:
+            examples.extend(split_into_chunks(row, max_length))
+    return examples
