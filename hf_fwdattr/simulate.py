@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import AttributionConfig, Solver
+from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
 from .documents import DocumentSet, MinibatchSequence
 from .errors import SimulationDivergedError
@@ -58,8 +58,9 @@ def _divergence_error(step: int, document: str, norm: float, bound: float, confi
     message = (
         f"The simulation diverged at step {step} for document {document!r}: ‖u‖ = {norm:.3g} exceeds the stable bound "
         f"{bound:.3g} (η = {step_size:.3g}, λ = {config.damping:.3g}, curvature = {config.curvature.value}). "
-        "Lower `step_size` (or set it to 'auto' / lower `step_size_fraction`), raise `damping` so that H + λI is "
-        "positive definite, or use curvature='ggn'."
+        "Lower `step_size` (or set it to 'auto' / lower `step_size_fraction`)"
+        + (", raise `damping` so that H + λI is positive definite, or use curvature='ggn'." if config.curvature is Curvature.HESSIAN
+           else ", or raise `damping`.")
     )
     if config.solver is Solver.SINGLE_TRAJECTORY:
         message += (
