@@ -21,12 +21,16 @@ from .errors import (
     TaskError,
 )
 from .gradients import GradientMethod, document_gradients, example_gradients, query_gradients
+from .pipeline import AttributedTextGenerationPipeline
 from .readout import ForwardReadout
+from .scoring import ArtifactScorer
 from .simulate import SimulationResult, simulate_responses
 from .subspace import AttributionSubspace, SubspaceKind, SubspaceSpec
 from .task import AttributionTask, CausalLMTask, ClassificationTask
 
 __all__ = [
+    "ArtifactScorer",
+    "AttributedTextGenerationPipeline",
     "ArtifactError",
     "AttributionConfig",
     "AttributionConfigError",

@@ -74,13 +74,22 @@ class AttributionConfig:
         default=1e-3,
         metadata={"help": "λ, added to the curvature: u_b = −(H + λI)⁻¹ g_b. Must be >= 0 (> 0 for the Hessian)."},
     )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "The (weight_decay / 2)‖θ‖² term of the training objective, on the subspace coordinates (the trainable "
+            "or PEFT parameters themselves). A model trained with weight decay is stationary only with it: the linearised "
+            "recursion adds weight_decay·u (as damping does), the trajectory solvers add weight_decay·(θ* + v) to the gradient. "
+            "Must be >= 0."
+        },
+    )
     step_size: Union[float, str] = field(
         default="auto",
         metadata={"help": "η of the simulation, or 'auto' to pick η = step_size_fraction / (h_max + λ) by power iteration."},
     )
     step_size_fraction: float = field(
         default=1.0,
-        metadata={"help": "With step_size='auto', η(h_max + λ) equals this; must lie in (0, 2)."},
+        metadata={"help": "With step_size='auto', η(h_max + λ + weight_decay) equals this; must lie in (0, 2)."},
     )
     horizon: int = field(default=100, metadata={"help": "K, the number of simulated steps (K → ∞ gives damped influence)."})
     solver: Solver = field(default=Solver.LINEARIZED, metadata={"help": "linearized | two_trajectory | single_trajectory."})
@@ -137,8 +146,10 @@ class AttributionConfig:
 
         if finite_number("damping") < 0:
             fail(f"`damping` must be >= 0, got {self.damping!r}; it is the λ of (H + λI).")
-        if self.curvature is Curvature.HESSIAN and self.damping == 0:
-            fail("`damping` must be > 0 with curvature='hessian': the Hessian can be singular. Set e.g. damping=1e-3.")
+        if finite_number("weight_decay") < 0:
+            fail(f"`weight_decay` must be >= 0, got {self.weight_decay!r}; it is the coefficient of (weight_decay / 2)‖θ‖².")
+        if self.curvature is Curvature.HESSIAN and self.damping + self.weight_decay == 0:
+            fail("`damping` must be > 0 with curvature='hessian' (and no weight_decay): the Hessian can be singular. Set e.g. damping=1e-3.")
         if isinstance(self.step_size, str):
             if self.step_size != "auto":
                 fail(f"`step_size` must be a positive number or 'auto', got {self.step_size!r}.")
@@ -167,6 +178,11 @@ class AttributionConfig:
     def compute_dtype(self) -> torch.dtype:
         """dtype the simulation's recursions run in: float64 if asked for, float32 otherwise."""
         return torch.float64 if self.dtype == "float64" else torch.float32
+
+    @property
+    def curvature_shift(self) -> float:
+        """What the recursion adds to the loss curvature: damping + weight_decay."""
+        return float(self.damping) + float(self.weight_decay)
 
     @property
     def automatic_step_size(self) -> bool:

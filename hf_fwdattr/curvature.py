@@ -92,7 +92,7 @@ def estimate_step_size(
     config: AttributionConfig,
 ) -> tuple[float, float]:
     """(η, h_max): h_max is the largest |eigenvalue| of the curvature over the first minibatches of the
-    simulation's sequence; η = step_size_fraction / (h_max + λ), so η(h_max + λ) < 2."""
+    simulation's sequence; η = step_size_fraction / (h_max + λ + weight_decay), so η(h_max + λ + weight_decay) < 2."""
     sequence = MinibatchSequence(len(train_examples), config.batch_size, config.seed)
     h_max = 0.0
     count = 1 if sequence.full_batch else config.power_iteration_batches
@@ -100,6 +100,6 @@ def estimate_step_size(
         batch = task.collate([train_examples[i] for i in batch_indices])
         operator = CurvatureOperator(subspace, task, batch, config.curvature, config.compute_dtype)
         h_max = max(h_max, abs(top_eigenvalue(operator, config.power_iterations, seed=config.seed + index)))
-    step_size = config.step_size_fraction / (h_max + config.damping)
+    step_size = config.step_size_fraction / (h_max + config.curvature_shift)
     logger.info("Estimated h_max = %.4g over %d minibatch(es); step size η = %.4g.", h_max, count, step_size)
     return step_size, h_max

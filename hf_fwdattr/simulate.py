@@ -5,7 +5,8 @@ u_b^(0) = 0,  u_b^(k+1) = u_b^(k) − η[(H_k + λI) u_b^(k) + g_b]  ⇒  u_b^(K
 Three solvers share the minibatch sequence (step k uses minibatch k of `MinibatchSequence`):
 
 - linearized: the recursion above with curvature–vector products, all documents batched;
-- two_trajectory: K real gradient steps on mean minibatch loss + ε_b L_b + (λ/2)‖v‖² from θ*, minus
+- two_trajectory: K real gradient steps on mean minibatch loss + ε_b L_b + (λ/2)‖v‖² (+ the training
+  objective's (weight_decay/2)‖θ* + v‖², when `config.weight_decay` is set) from θ*, minus
   the same K steps without document b, divided by ε_b;
 - single_trajectory: the same with θ* as the unperturbed end point.
 """
@@ -130,7 +131,7 @@ def simulate_responses(
 
 
 def _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress) -> torch.Tensor:
-    damping, chunk = config.damping, config.simulation_chunk_size
+    damping, chunk = config.curvature_shift, config.simulation_chunk_size  # weight decay adds to the curvature as damping does
     gradient_norms = gradients.norm(dim=1)
     responses = -step_size * gradients  # step 0: u = 0, so the curvature term vanishes
     steps = sequence.indices(config.horizon - 1, offset=1)
@@ -158,12 +159,17 @@ def _trajectories(subspace, task, documents, rows, gradients, train_examples, se
     batches = list(sequence.indices(horizon))
     gradient_norms = gradients.norm(dim=1)
 
+    weight_decay = config.weight_decay
+    theta = subspace.base_vector(dtype).to(device) if weight_decay else None
+
     def run(document_examples: list, weight: float) -> torch.Tensor:
         point = torch.zeros(subspace.dim, dtype=dtype, device=device)
         for batch_indices in batches:
             examples = [train_examples[i] for i in batch_indices]
             weights = [1.0 / len(examples)] * len(examples) + [weight] * len(document_examples)
             gradient = _trajectory_gradient(function, task, point, examples + document_examples, torch.tensor(weights, dtype=dtype, device=device))
+            if weight_decay:  # the training objective's (weight_decay / 2)‖θ* + v‖²: θ* is stationary with it
+                gradient = gradient + weight_decay * (theta + point)
             point = point - step_size * (gradient + damping * point)
         return point
 

@@ -170,3 +170,19 @@ def mlp_classifier():
 @pytest.fixture
 def classification_task():
     return ClassificationTask()
+
+
+SMALL_FACT_CORPUS = dict(n_entities=6, relations_per_entity=2, n_filler=6, n_distractors=3, pretraining_entities=12)
+
+
+@pytest.fixture(scope="session")
+def fact_model(tmp_path_factory):
+    """What `hf-fwdattr demo` leaves, on a smaller corpus: a folder with model/ (base + adapter + tokenizer) and
+    influence/, plus the in-memory corpus, tokenizer, model and artifact."""
+    from hf_fwdattr import AttributionConfig
+    from hf_fwdattr.demo import train_fact_model
+
+    directory = tmp_path_factory.mktemp("fact_demo")
+    made = train_fact_model(directory, corpus_kwargs=SMALL_FACT_CORPUS, pretrain_epochs=30, finetune_epochs=30,
+                            config=AttributionConfig(damping=1e-3, horizon=20, batch_size=8))
+    return {**made, "directory": directory}

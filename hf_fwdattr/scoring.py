@@ -1,0 +1,60 @@
+"""`ArtifactScorer`: scores of queries against an artifact's documents or sources, forward passes only.
+
+Binds the artifact to a model once (fingerprints checked), then answers document-level scores by
+streaming the response shards (or through the compressed readout basis when the artifact has one)
+and source-level scores from the per-source summed responses: one direction per source, exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .artifact import InfluenceArtifact
+from .config import ReadoutMode
+from .errors import ReadoutError
+from .readout import ForwardReadout
+from .task import AttributionTask
+
+
+class ArtifactScorer:
+    """Scores of query examples against `artifact`, read out on `model`.
+
+    Args:
+        artifact: the influence artifact.
+        model: the model it was made on (checked by fingerprint; a projection adapter is injected,
+            which leaves the outputs unchanged).
+        task: the task whose `measurement` is f_q.
+        mode: readout mode overriding the artifact's.
+        use_basis: use the artifact's compressed readout basis for document scores when present.
+        chunk_rows: rows streamed from the shards at a time.
+    """
+
+    def __init__(self, artifact: InfluenceArtifact, model: torch.nn.Module, task: AttributionTask,
+                 mode: Optional[ReadoutMode] = None, use_basis: bool = True, chunk_rows: int = 4096):
+        self.artifact = artifact
+        self.subspace = artifact.bind(model)
+        config = artifact.config
+        self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size)
+        self.use_basis = use_basis and artifact.readout_basis is not None
+        self.chunk_rows = chunk_rows
+
+    def document_scores(self, queries: Sequence[Any]) -> torch.Tensor:
+        """[n_queries, n_documents] scores; positive = proponent."""
+        if self.use_basis:
+            basis = self.artifact.readout_basis
+            projected = self.readout.scores(queries, basis["directions"])  # [Q, k]: ∇f_qᵀ v_j
+            return projected @ basis["coefficients"].to(projected.dtype).T
+        artifact = self.artifact
+        return self.readout.scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents)
+
+    def source_scores(self, queries: Sequence[Any]) -> torch.Tensor:
+        """[n_queries, n_sources] scores, exact: the score of each source's summed response."""
+        if not self.artifact.source_names:
+            raise ReadoutError("The artifact's documents have no sources, so scores cannot be aggregated by source.")
+        return self.readout.scores(queries, self.artifact.source_responses)
+
+    def close(self) -> None:
+        """Take a projection adapter out of the model again."""
+        self.subspace.remove()
