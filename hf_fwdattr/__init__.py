@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from .artifact import DocumentTable, InfluenceArtifact
 from .build import build_influence_artifact
 from .callback import ForwardAttributionCallback
-from .config import AttributionConfig, Curvature, ReadoutMode, Solver
+from .compress import build_readout_basis
+from .config import AttributionConfig, Curvature, Eigenbasis, ReadoutMode, Solver
 from .curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
 from .documents import DocumentSet, MinibatchSequence
 from .errors import (
@@ -44,6 +45,7 @@ __all__ = [
     "DocumentsError",
     "DocumentTable",
     "DuplicateDocumentError",
+    "Eigenbasis",
     "EmptyDocumentsError",
     "FingerprintMismatchError",
     "ForwardAttributionCallback",
@@ -62,6 +64,7 @@ __all__ = [
     "TaskError",
     "__version__",
     "build_influence_artifact",
+    "build_readout_basis",
     "document_gradients",
     "estimate_step_size",
     "example_gradients",

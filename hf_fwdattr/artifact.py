@@ -253,6 +253,21 @@ class InfluenceArtifact:
         return self._store.dim
 
     @property
+    def store(self):
+        """Where the response rows are read from (`ShardedResponses`, `InMemoryResponses`, ...)."""
+        return self._store
+
+    def set_readout_basis(self, basis: dict[str, torch.Tensor], fidelity: dict[str, Any]) -> None:
+        """Attach a compressed readout basis ({"directions": [k, p], "coefficients": [N, k], ...}) and its fidelity figures."""
+        if basis["directions"].shape[1] != self.dim or basis["coefficients"].shape[0] != self.num_documents:
+            raise ArtifactError(
+                f"A readout basis for this artifact needs directions [k, {self.dim}] and coefficients [{self.num_documents}, k]; "
+                f"got {tuple(basis['directions'].shape)} and {tuple(basis['coefficients'].shape)}."
+            )
+        self.readout_basis = dict(basis)
+        self.fidelity.update(fidelity)
+
+    @property
     def step_size(self) -> Optional[float]:
         """η the responses were simulated with (responses to add must use the same)."""
         return self.simulation.get("step_size")

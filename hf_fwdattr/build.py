@@ -18,10 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, refuse_foreign_artifact, shard_identity
-from .config import AttributionConfig
+from .compress import build_readout_basis
+from .config import AttributionConfig, Solver
 from .curvature import estimate_step_size
 from .documents import DocumentSet
+from .eigenbasis import estimate_eigenbasis
 from .errors import ArtifactError, SimulationDivergedError
+from .gradients import query_gradients
 from .simulate import simulate_responses
 from .storage import ShardWriter
 from .subspace import AttributionSubspace, SubspaceSpec
@@ -63,17 +66,23 @@ class _Processes:
         return holder[0]
 
 
-def check_step_size(subspace, task, train_examples, config: AttributionConfig) -> tuple[float, Optional[float]]:
-    """η to simulate with, and h_max. A fixed η with η(h_max + λ) >= 2 is refused before any simulation."""
-    if config.automatic_step_size:
+def check_step_size(subspace, task, train_examples, config: AttributionConfig, eigenbasis=None) -> tuple[float, Optional[float]]:
+    """η to simulate with, and h_max (from `eigenbasis` when given, else by power iteration).
+    A fixed η with η(h_max + λ) >= 2 is refused before any simulation."""
+    shift = config.curvature_shift
+    if eigenbasis is not None:
+        top = eigenbasis.max_eigenvalue
+    elif config.automatic_step_size:
         return estimate_step_size(subspace, task, train_examples, config)
+    else:
+        _, top = estimate_step_size(subspace, task, train_examples, AttributionConfig(**{**config.to_dict(), "step_size": "auto"}))
+    if config.automatic_step_size:
+        return config.step_size_fraction / (top + shift), top
     step_size = float(config.step_size)
-    probe = AttributionConfig(**{**config.to_dict(), "step_size": "auto"})
-    _, top = estimate_step_size(subspace, task, train_examples, probe)
-    if step_size * (top + config.damping) >= 2:
+    if step_size * (top + shift) >= 2:
         raise SimulationDivergedError(
-            f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (top + config.damping):.3g} >= 2 "
-            f"(h_max ≈ {top:.4g}, λ = {config.damping:.4g}). Use step_size < {2 / (top + config.damping):.4g}, or step_size='auto'."
+            f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (top + shift):.3g} >= 2 "
+            f"(h_max ≈ {top:.4g}, λ = {shift:.4g}). Use step_size < {2 / (top + shift):.4g}, or step_size='auto'."
         )
     return step_size, top
 
@@ -121,7 +130,9 @@ def build_influence_artifact(
     built = AttributionSubspace.build(model, subspace, **subspace_kwargs)
     try:
         table = DocumentTable.from_document_set(documents, n_tokens, metadata)
-        step_size, top = processes.broadcast(check_step_size(built, task, train_examples, config) if processes.is_main else None)
+        # every process estimates the (deterministic) eigenbasis itself rather than receiving it
+        eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
+        step_size, top = processes.broadcast(check_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
         settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
         identity = {**shard_identity(settings, table.document_ids), "step_size": step_size}
         dtype = config.torch_dtype
@@ -142,7 +153,7 @@ def build_influence_artifact(
         bar = tqdm(total=len(pending), desc="Simulating responses (shards)", disable=not (progress and processes.is_main))
         for index, lo, hi in mine:
             result = simulate_responses(built, task, documents, train_examples, config, document_indices=range(lo, hi),
-                                        step_size=step_size, gradient_method=gradient_method)
+                                        step_size=step_size, gradient_method=gradient_method, eigenbasis=eigenbasis)
             writer.write(index, result.responses)
             bar.update(processes.world if processes.world > 1 else 1)
         bar.close()
@@ -156,12 +167,30 @@ def build_influence_artifact(
                 base_model=base_model or _base_model(model),
                 simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start, "processes": processes.world},
             )
+            if config.readout_basis_rank > 0:
+                attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
             artifact.save_pretrained(output_dir)
             artifact.path = output_dir
         processes.barrier()
         return artifact
     finally:
         built.remove()
+
+
+def heldout_queries(train_examples: Sequence[Any], seed: int, count: int = 32) -> list:
+    """A seeded sample of training examples used as queries (f_q = their own log-likelihood) to measure fidelity."""
+    order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(seed + 1))[:count]
+    return [train_examples[i] for i in order.tolist()]
+
+
+def attach_readout_basis(artifact: InfluenceArtifact, subspace: AttributionSubspace, task, queries: Sequence[Any]) -> None:
+    """Build the compressed readout basis of `artifact` (rank and fidelity from its config) and record its fidelity."""
+    config = artifact.config
+    gradients = query_gradients(subspace, task, list(queries), dtype=torch.float64)
+    basis, figures = build_readout_basis(artifact.store, gradients, config.readout_basis_rank, config.readout_basis_fidelity, config.seed)
+    artifact.set_readout_basis(basis, figures)
+    logger.info("Compressed readout basis: rank %d, Spearman %.4f against exact scores on %d held-out queries.",
+                figures["readout_basis_rank"], figures["readout_basis_spearman"], figures["readout_basis_heldout_queries"])
 
 
 def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, step_size: float) -> Optional[InfluenceArtifact]:

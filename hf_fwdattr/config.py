@@ -26,6 +26,19 @@ class Solver(str, Enum):
     """K optimiser steps with and without document b up-weighted; u_b = (θ⁺_K − θ⁻_K)/ε."""
     SINGLE_TRAJECTORY = "single_trajectory"
     """As two-trajectory but with θ* as the unperturbed end point (exact when θ* is stationary)."""
+    CLOSED_FORM = "closed_form"
+    """The K-step recursion with full-batch curvature in closed form: −(1 − (1 − η(h+λ))^K)/(h+λ) per eigendirection."""
+
+
+class Eigenbasis(str, Enum):
+    """Where the closed-form solver gets the curvature's eigenbasis."""
+
+    AUTO = "auto"
+    """`explicit` when the subspace has at most `explicit_max_dim` coordinates, else `kronecker`."""
+    EXPLICIT = "explicit"
+    """The full [p, p] curvature matrix, eigendecomposed: exact, for small subspaces."""
+    KRONECKER = "kronecker"
+    """Per-layer Kronecker-factored eigenbases with eigenvalue correction (EK-FAC), GGN only."""
 
 
 class Curvature(str, Enum):
@@ -108,6 +121,20 @@ class AttributionConfig:
             "document b is up-weighted by trajectory_epsilon / (η K ‖g_b‖)."
         },
     )
+    eigenbasis: Eigenbasis = field(default=Eigenbasis.AUTO, metadata={"help": "closed_form solver: auto | explicit | kronecker."})
+    explicit_max_dim: int = field(default=4096, metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension."})
+    curvature_examples: Optional[int] = field(
+        default=None,
+        metadata={"help": "closed_form solver: training examples the curvature is estimated on (a seeded random subset); None uses all."},
+    )
+    readout_basis_rank: int = field(
+        default=0,
+        metadata={"help": "Largest rank k of the compressed readout basis U ≈ C Vᵀ (0: no basis, exact readout only)."},
+    )
+    readout_basis_fidelity: float = field(
+        default=0.99,
+        metadata={"help": "The basis keeps the smallest rank whose scores reach this mean Spearman correlation with exact scores on held-out queries."},
+    )
     readout: ReadoutMode = field(default=ReadoutMode.JVP, metadata={"help": "central_difference | one_sided | jvp."})
     epsilon: Optional[float] = field(
         default=None,
@@ -127,6 +154,7 @@ class AttributionConfig:
         self.solver = _enum_value(Solver, self.solver, "solver")
         self.curvature = _enum_value(Curvature, self.curvature, "curvature")
         self.readout = _enum_value(ReadoutMode, self.readout, "readout")
+        self.eigenbasis = _enum_value(Eigenbasis, self.eigenbasis, "eigenbasis")
         self._validate()
 
     def _validate(self) -> None:
@@ -158,8 +186,17 @@ class AttributionConfig:
         fraction = finite_number("step_size_fraction")
         if not 0 < fraction < 2:
             fail(f"`step_size_fraction` must lie in (0, 2) so that η(h_max + λ) < 2, got {fraction!r}; 1.0 is safe.")
-        for name in ("horizon", "batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size", "simulation_chunk_size"):
+        for name in ("horizon", "batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size",
+                     "simulation_chunk_size", "explicit_max_dim"):
             positive_int(name)
+        if self.curvature_examples is not None:
+            positive_int("curvature_examples")
+        if isinstance(self.readout_basis_rank, bool) or not isinstance(self.readout_basis_rank, int) or self.readout_basis_rank < 0:
+            fail(f"`readout_basis_rank` must be an integer >= 0 (0 turns the compressed basis off), got {self.readout_basis_rank!r}.")
+        if not 0 < finite_number("readout_basis_fidelity") <= 1:
+            fail(f"`readout_basis_fidelity` must lie in (0, 1], got {self.readout_basis_fidelity!r}.")
+        if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.KRONECKER and self.curvature is Curvature.HESSIAN:
+            fail("`eigenbasis` 'kronecker' (EK-FAC) approximates the GGN only; use curvature='ggn', or eigenbasis='explicit' for the Hessian.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             fail(f"`seed` must be an integer, got {self.seed!r}.")
         if finite_number("trajectory_epsilon") <= 0:

@@ -2,13 +2,16 @@
 
 u_b^(0) = 0,  u_b^(k+1) = u_b^(k) − η[(H_k + λI) u_b^(k) + g_b]  ⇒  u_b^(K) → −(H + λI)⁻¹ g_b as K → ∞.
 
-Three solvers share the minibatch sequence (step k uses minibatch k of `MinibatchSequence`):
+The iterative solvers share the minibatch sequence (step k uses minibatch k of `MinibatchSequence`):
 
 - linearized: the recursion above with curvature–vector products, all documents batched;
 - two_trajectory: K real gradient steps on mean minibatch loss + ε_b L_b + (λ/2)‖v‖² (+ the training
   objective's (weight_decay/2)‖θ* + v‖², when `config.weight_decay` is set) from θ*, minus
   the same K steps without document b, divided by ε_b;
 - single_trajectory: the same with θ* as the unperturbed end point.
+
+The closed_form solver runs the linearised recursion with the full-batch curvature exactly, as one filter
+in the curvature's eigenbasis (see `eigenbasis.py`): one pass of per-document gradients.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
 from .documents import DocumentSet, MinibatchSequence
+from .eigenbasis import estimate_eigenbasis, horizon_filter
 from .errors import SimulationDivergedError
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import GradientMethod, document_gradients
@@ -90,6 +94,7 @@ def simulate_responses(
     step_size: Optional[float] = None,
     gradient_method: GradientMethod | str = GradientMethod.AUTO,
     progress: bool = False,
+    eigenbasis: Any = None,
 ) -> SimulationResult:
     """Simulate the response u_b of every document (or of `document_indices`) with `config.solver`.
 
@@ -103,6 +108,8 @@ def simulate_responses(
         step_size: η to use, overriding `config.step_size` (e.g. one estimated once for all processes).
         gradient_method: how per-example gradients are computed.
         progress: show progress bars.
+        eigenbasis: closed_form solver: a precomputed `ExplicitEigenbasis` / `KroneckerEigenbasis`
+            (estimated from `train_examples` when None).
     """
     task = as_task(task)
     config = config or AttributionConfig()
@@ -115,19 +122,43 @@ def simulate_responses(
     start = time.perf_counter()
 
     top = None
+    if config.solver is Solver.CLOSED_FORM and eigenbasis is None:
+        eigenbasis = estimate_eigenbasis(subspace, task, train_examples, config, progress)
     if step_size is None:
-        if config.automatic_step_size:
+        if config.automatic_step_size and eigenbasis is not None:
+            top = eigenbasis.max_eigenvalue
+            step_size = config.step_size_fraction / (top + config.curvature_shift)
+        elif config.automatic_step_size:
             step_size, top = estimate_step_size(subspace, task, train_examples, config)
         else:
             step_size = float(config.step_size)
 
     gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
-    if config.solver is Solver.LINEARIZED:
+    if config.solver is Solver.CLOSED_FORM:
+        responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
+    elif config.solver is Solver.LINEARIZED:
         responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
     else:
         responses = _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress)
     seconds = time.perf_counter() - start
     return SimulationResult(responses.to(config.torch_dtype), gradients, step_size, top, seconds)
+
+
+def _closed_form(eigenbasis, gradients: torch.Tensor, config: AttributionConfig, step_size: float, ids) -> torch.Tensor:
+    shift = config.curvature_shift
+    if eigenbasis.min_eigenvalue + shift < 0:
+        raise SimulationDivergedError(
+            f"The closed-form simulation would diverge: the curvature has an eigenvalue {eigenbasis.min_eigenvalue:.4g} below "
+            f"−(λ + weight_decay) = {-shift:.4g}, so (1 − η(h + λ))^K grows without bound. Raise `damping` above "
+            f"{-eigenbasis.min_eigenvalue:.4g}, or use curvature='ggn'."
+        )
+    if step_size * (eigenbasis.max_eigenvalue + shift) >= 2:
+        raise SimulationDivergedError(
+            f"The closed-form simulation would diverge: η(h_max + λ) = {step_size * (eigenbasis.max_eigenvalue + shift):.3g} >= 2 "
+            f"(η = {step_size:.4g}, h_max = {eigenbasis.max_eigenvalue:.4g}). Use step_size < {2 / (eigenbasis.max_eigenvalue + shift):.4g} "
+            "or step_size='auto'."
+        )
+    return eigenbasis.filter(gradients, horizon_filter(step_size, config.horizon, shift))
 
 
 def _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress) -> torch.Tensor:

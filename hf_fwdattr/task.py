@@ -55,6 +55,17 @@ class AttributionTask:
         """Per-example loss as a function of the outputs of `outputs`, shape [batch_size]."""
         raise NotImplementedError(f"{type(self).__name__} must implement `loss_from_outputs` for curvature='ggn'.")
 
+    def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Per-example loss with targets drawn from the model's own predictive distribution.
+
+        Its gradient's covariance is the Gauss–Newton matrix, which is how the Kronecker-factored
+        eigenbasis (EK-FAC) estimates it. Needed only by solver='closed_form' with eigenbasis='kronecker'.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `sampled_loss_from_outputs` for the Kronecker eigenbasis; "
+            "implement it or use eigenbasis='explicit' (small subspaces) or another solver."
+        )
+
     def collate(self, examples: Sequence[Any]) -> Any:
         """Turn a list of examples into a batch (default: `torch.utils.data.default_collate`)."""
         return default_collate(list(examples))
@@ -140,6 +151,15 @@ class CausalLMTask(AttributionTask):
     def measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return -self.train_loss(model, batch)
 
+    def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        labels = batch["labels"].to(outputs.device)[:, 1:]
+        logits = outputs[:, :-1].float()
+        with torch.no_grad():
+            probabilities = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
+            sampled = torch.multinomial(probabilities, 1, generator=generator).reshape(labels.shape)
+        token_nll = F.cross_entropy(logits.transpose(1, 2), sampled, reduction="none")
+        return (token_nll * (labels != IGNORE_INDEX)).sum(dim=1)
+
     @staticmethod
     def query_example(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> dict:
         """An example whose measurement is log p(answer | prompt): prompt tokens are labelled −100."""
@@ -185,6 +205,11 @@ class ClassificationTask(AttributionTask):
     def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         _, labels = self._split(batch)
         return F.cross_entropy(outputs, labels.to(outputs.device), reduction="none")
+
+    def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(outputs.detach().float(), dim=-1), 1, generator=generator).squeeze(1)
+        return F.cross_entropy(outputs, sampled, reduction="none")
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         logits = self.outputs(model, batch)

@@ -1,0 +1,240 @@
+"""Eigenbases of the full-batch curvature, for the closed-form horizon filter (DESIGN §4).
+
+With the curvature H = Q diag(h) Qᵀ, K steps of the recursion from u = 0 give, per eigendirection,
+
+    u_b = Q diag(−(1 − (1 − η(h + λ))^K) / (h + λ)) Qᵀ g_b,
+
+so all documents are simulated by one filter applied to their gradients. Two eigenbases:
+
+- `ExplicitEigenbasis`: the [p, p] matrix (mean over the training examples of the per-example curvature),
+  eigendecomposed; exact, for small subspaces; GGN or Hessian.
+- `KroneckerEigenbasis` (EK-FAC): for each linear layer of the subspace, the eigenbases of the input
+  covariance E[x xᵀ] and of the output-gradient covariance E[δ δᵀ] (gradients of the loss with targets
+  sampled from the model, whose covariance is the GGN), with eigenvalues corrected to the mean squared
+  per-example gradient in that basis. Layers are independent blocks; GGN only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import AttributionConfig, Curvature, Eigenbasis
+from .curvature import CurvatureOperator
+from .errors import TaskError
+from .functional import TaskFunction, differentiable_attention, evaluation_mode
+from .gradients import _leaves, _linear_owners, example_gradients
+from .subspace import AttributionSubspace
+
+logger = logging.getLogger(__name__)
+
+Filter = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _subset(examples: Sequence[Any], count: Optional[int], seed: int) -> list:
+    if count is None or count >= len(examples):
+        return list(examples)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:count]
+    return [examples[i] for i in sorted(order.tolist())]
+
+
+class ExplicitEigenbasis:
+    """The full curvature matrix in its eigenbasis (exact; memory p², time p HVPs per example batch)."""
+
+    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor):
+        self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
+
+    @classmethod
+    def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], kind: Curvature, batch_size: int,
+                 dtype: torch.dtype = torch.float32, chunk: int = 256, progress: bool = False) -> "ExplicitEigenbasis":
+        """Mean curvature over `examples`, built column block by column block, then `eigh`."""
+        p = subspace.dim
+        matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
+        identity = torch.eye(p, dtype=dtype, device=subspace.device)
+        batches = range(0, len(examples), batch_size)
+        for lo in tqdm(batches, desc="Curvature (explicit)", disable=not progress, leave=False):
+            batch = list(examples[lo : lo + batch_size])
+            operator = CurvatureOperator(subspace, task, task.collate(batch), kind, dtype)
+            for start in range(0, p, chunk):
+                matrix[start : start + chunk] += operator.matvec(identity[start : start + chunk]) * len(batch)
+        matrix /= len(examples)
+        matrix = (matrix + matrix.T) / 2
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.double() if dtype == torch.float32 else matrix)
+        return cls(eigenvalues.to(dtype), eigenvectors.to(dtype))
+
+    @property
+    def max_eigenvalue(self) -> float:
+        return float(self.eigenvalues.abs().max())
+
+    @property
+    def min_eigenvalue(self) -> float:
+        return float(self.eigenvalues.min())
+
+    def filter(self, gradients: torch.Tensor, factor: Filter) -> torch.Tensor:
+        """Q diag(factor(h)) Qᵀ g for each row g of `gradients`."""
+        vectors = self.eigenvectors.to(gradients.device, gradients.dtype)
+        return ((gradients @ vectors) * factor(self.eigenvalues.to(gradients.device, gradients.dtype))) @ vectors.T
+
+
+@dataclass
+class _Layer:
+    """One linear layer of the subspace: where its weight (and bias) sit in the flat vector, and its eigenbasis."""
+
+    module: nn.Module
+    weight: tuple[int, int]  # flat slice
+    bias: Optional[tuple[int, int]]
+    shape: tuple[int, int]  # [d_out, d_in] of the weight
+    input_factor: torch.Tensor  # Σ x xᵀ over positions, [d_in(+1), d_in(+1)]
+    output_factor: torch.Tensor  # Σ δ δᵀ over positions, [d_out, d_out]
+    input_basis: Optional[torch.Tensor] = None  # eigenvectors of input_factor
+    output_basis: Optional[torch.Tensor] = None  # eigenvectors of output_factor
+    eigenvalues: Optional[torch.Tensor] = None  # [d_out, d_in(+1)], corrected
+
+    def matrix(self, flat: torch.Tensor) -> torch.Tensor:
+        """[n, d_out, d_in(+1)] view of the layer's coordinates in rows of `flat` ([W | b])."""
+        weight = flat[:, self.weight[0] : self.weight[1]].reshape(-1, *self.shape)
+        if self.bias is None:
+            return weight
+        return torch.cat([weight, flat[:, self.bias[0] : self.bias[1]][:, :, None]], dim=2)
+
+    def write(self, flat: torch.Tensor, matrix: torch.Tensor) -> None:
+        flat[:, self.weight[0] : self.weight[1]] = matrix[:, :, : self.shape[1]].reshape(len(flat), -1)
+        if self.bias is not None:
+            flat[:, self.bias[0] : self.bias[1]] = matrix[:, :, self.shape[1]]
+
+
+class KroneckerEigenbasis:
+    """EK-FAC eigenbases of the GGN, one block per linear layer of the subspace."""
+
+    def __init__(self, layers: list[_Layer]):
+        self.layers = layers
+
+    @classmethod
+    def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, progress: bool = False) -> "KroneckerEigenbasis":
+        """Two passes over `examples`: Kronecker factors (then their eigenbases), then eigenvalue corrections."""
+        owners = _linear_owners(subspace)
+        if owners is None:
+            raise TaskError(
+                "eigenbasis='kronecker' needs every subspace parameter to be the weight or bias of an nn.Linear "
+                "(LoRA and projection adapters are); use eigenbasis='explicit' or another solver for this subspace."
+            )
+        offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
+        layers = []
+        for module, names in owners.items():
+            weight_name = names.get("weight")
+            if weight_name is None:
+                raise TaskError("eigenbasis='kronecker' needs the weight of every linear layer whose bias is in the subspace.")
+            d_out, d_in = module.weight.shape
+            extra = 1 if "bias" in names else 0
+            layers.append(_Layer(module, offsets[weight_name], offsets.get(names.get("bias")), (d_out, d_in),
+                                 torch.zeros(d_in + extra, d_in + extra, dtype=dtype, device=subspace.device),
+                                 torch.zeros(d_out, d_out, dtype=dtype, device=subspace.device)))
+        basis = cls(layers)
+        generator = torch.Generator(device=subspace.device).manual_seed(seed)
+        sampled = lambda model, batch: task.sampled_loss_from_outputs(task.outputs(model, batch), batch, generator)  # noqa: E731
+        batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
+        for batch in tqdm(batches, desc="Curvature (Kronecker factors)", disable=not progress, leave=False):
+            basis._accumulate_factors(subspace, sampled, task.collate(batch))
+        for layer in layers:
+            layer.input_basis = torch.linalg.eigh(layer.input_factor.double())[1].to(dtype)
+            layer.output_basis = torch.linalg.eigh(layer.output_factor.double())[1].to(dtype)
+            layer.eigenvalues = torch.zeros(len(layer.output_basis), len(layer.input_basis), dtype=dtype, device=subspace.device)
+        for batch in tqdm(batches, desc="Curvature (eigenvalue correction)", disable=not progress, leave=False):
+            gradients = example_gradients(subspace, sampled, task.collate, batch, dtype=dtype)
+            for layer in layers:
+                rotated = layer.output_basis.T @ layer.matrix(gradients) @ layer.input_basis
+                layer.eigenvalues += (rotated**2).sum(dim=0)
+        for layer in layers:
+            layer.eigenvalues /= len(examples)
+        return basis
+
+    def _accumulate_factors(self, subspace: AttributionSubspace, sampled, batch) -> None:
+        by_module = {layer.module: layer for layer in self.layers}
+
+        def forward_hook(module, args, output):
+            if not output.requires_grad:
+                return
+            layer = by_module[module]
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(layer.input_factor.dtype)
+            if layer.bias is not None:
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+            layer.input_factor += x.T @ x
+
+            def on_grad(grad: torch.Tensor) -> None:  # must return None: a returned tensor would replace the gradient
+                layer.output_factor.add_(_gram(grad, layer.output_factor.dtype))
+
+            output.register_hook(on_grad)
+
+        handles = [layer.module.register_forward_hook(forward_hook) for layer in self.layers]
+        try:
+            function = TaskFunction(subspace, sampled)
+            with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
+                leaves = _leaves(subspace, None)
+                values = function.with_parameters(leaves, batch)
+                torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @property
+    def max_eigenvalue(self) -> float:
+        return max(float(layer.eigenvalues.max()) for layer in self.layers)
+
+    @property
+    def min_eigenvalue(self) -> float:
+        return min(float(layer.eigenvalues.min()) for layer in self.layers)
+
+    def filter(self, gradients: torch.Tensor, factor: Filter) -> torch.Tensor:
+        """Per layer: Q_out (factor(λ) ⊙ (Q_outᵀ G Q_in)) Q_inᵀ for each row's layer matrix G."""
+        out = torch.zeros_like(gradients)
+        for layer in self.layers:
+            q_in = layer.input_basis.to(gradients.device, gradients.dtype)
+            q_out = layer.output_basis.to(gradients.device, gradients.dtype)
+            rotated = q_out.T @ layer.matrix(gradients) @ q_in
+            filtered = q_out @ (rotated * factor(layer.eigenvalues.to(gradients.device, gradients.dtype))) @ q_in.T
+            layer.write(out, filtered)
+        return out
+
+
+def _gram(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    flat = grad.detach().reshape(-1, grad.shape[-1]).to(dtype)
+    return flat.T @ flat
+
+
+def _offsets(numels: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for count in numels:
+        out.append((start, start + count))
+        start += count
+    return out
+
+
+def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Sequence[Any], config: AttributionConfig, progress: bool = False):
+    """The eigenbasis `config` asks for (explicit or Kronecker), on `config.curvature_examples` training examples."""
+    choice = config.eigenbasis
+    if choice is Eigenbasis.AUTO:
+        choice = Eigenbasis.EXPLICIT if subspace.dim <= config.explicit_max_dim else Eigenbasis.KRONECKER
+    examples = _subset(train_examples, config.curvature_examples, config.seed)
+    if choice is Eigenbasis.EXPLICIT:
+        return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype, progress=progress)
+    if config.curvature is Curvature.HESSIAN:
+        raise TaskError("The Kronecker eigenbasis approximates the GGN only; use curvature='ggn' or eigenbasis='explicit'.")
+    return KroneckerEigenbasis.estimate(subspace, task, examples, config.batch_size, config.seed, config.compute_dtype, progress)
+
+
+def horizon_filter(step_size: float, horizon: int, shift: float) -> Filter:
+    """h ↦ −(1 − (1 − η(h + shift))^K) / (h + shift): K recursion steps from u = 0, per eigendirection."""
+
+    def factor(eigenvalues: torch.Tensor) -> torch.Tensor:
+        shifted = eigenvalues + shift
+        safe = torch.where(shifted.abs() < 1e-12, torch.ones_like(shifted), shifted)
+        values = -(1 - (1 - step_size * shifted) ** horizon) / safe
+        return torch.where(shifted.abs() < 1e-12, torch.full_like(shifted, -step_size * horizon), values)
+
+    return factor
