@@ -137,8 +137,10 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
 
     def _continuation(self, sequence: list[int], prompt_length: int) -> list[int]:
         tokens = sequence[prompt_length:]
-        stop = {t for t in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id) if t is not None}
-        stop = {s for item in stop for s in (item if isinstance(item, list) else [item])}
+        stop = set()
+        for item in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if item is not None:
+                stop.update(item if isinstance(item, (list, tuple)) else [item])
         for position, token in enumerate(tokens):
             if token in stop:
                 return tokens[: position + 1]
