@@ -186,7 +186,7 @@ def heldout_queries(train_examples: Sequence[Any], seed: int, count: int = 32) -
 def attach_readout_basis(artifact: InfluenceArtifact, subspace: AttributionSubspace, task, queries: Sequence[Any]) -> None:
     """Build the compressed readout basis of `artifact` (rank and fidelity from its config) and record its fidelity."""
     config = artifact.config
-    gradients = query_gradients(subspace, task, list(queries), dtype=torch.float64)
+    gradients = query_gradients(subspace, task, list(queries), dtype=torch.float64).cpu()  # the stored rows are on the CPU
     basis, figures = build_readout_basis(artifact.store, gradients, config.readout_basis_rank, config.readout_basis_fidelity, config.seed)
     artifact.set_readout_basis(basis, figures)
     logger.info("Compressed readout basis: rank %d, Spearman %.4f against exact scores on %d held-out queries.",

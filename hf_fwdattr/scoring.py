@@ -45,7 +45,7 @@ class ArtifactScorer:
         if self.use_basis:
             basis = self.artifact.readout_basis
             projected = self.readout.scores(queries, basis["directions"])  # [Q, k]: ∇f_qᵀ v_j
-            return projected @ basis["coefficients"].to(projected.dtype).T
+            return projected @ basis["coefficients"].to(projected.device, projected.dtype).T
         artifact = self.artifact
         return self.readout.scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents)
 

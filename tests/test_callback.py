@@ -136,6 +136,7 @@ def test_chunked_document_response_is_the_sum_of_its_chunks(base_dir):
     torch.testing.assert_close(whole, separate.sum(0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
