@@ -64,6 +64,16 @@ class ReadoutMode(str, Enum):
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of the dataclass `cls`; unknown keys (written by a newer version)
+    are dropped with a warning, as PEFT's configs do."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        logger.warning("Ignoring unknown %s keys %s (written by a newer hf_fwdattr?).", cls.__name__, unknown)
+    return {k: v for k, v in data.items() if k in known}
+
+
 def _enum_value(enum_cls: type[Enum], value: Any, name: str) -> Enum:
     if isinstance(value, enum_cls):
         return value
@@ -233,11 +243,7 @@ class AttributionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttributionConfig":
         """Build a config from `to_dict()` output; unknown keys (from a newer version) are ignored with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.warning("Ignoring unknown AttributionConfig keys %s (written by a newer hf_fwdattr?).", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
     def to_json_string(self) -> str:
         """The config as sorted JSON."""

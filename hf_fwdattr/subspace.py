@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .config import known_fields
 from .errors import SubspaceError
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,7 @@ class SubspaceSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SubspaceSpec":
         """Inverse of `to_dict`; unknown keys are ignored with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.warning("Ignoring unknown SubspaceSpec keys %s (written by a newer hf_fwdattr?).", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
 
 _PEFT_PREFIX = "base_model.model."
