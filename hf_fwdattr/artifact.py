@@ -128,8 +128,10 @@ class DocumentTable:
 
 def _sum_by_source(table: DocumentTable, store, chunk_rows: int = 4096) -> tuple[list[str], torch.Tensor]:
     names = table.source_names()
-    position = {name: i for i, name in enumerate(names)}
     sums = torch.zeros(len(names), store.dim, dtype=torch.float64)
+    if not names:
+        return names, sums.to(store.dtype)  # nothing to read
+    position = {name: i for i, name in enumerate(names)}
     row = 0
     for block in store.iter_chunks(chunk_rows):
         owners = [position.get(s, -1) for s in table.sources[row : row + len(block)]]
