@@ -1,0 +1,1 @@
+"""Scale benchmark (issue 8): cost of the closed-form filter, the compressed and the source readout against N."""
