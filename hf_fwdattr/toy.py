@@ -104,7 +104,8 @@ def _invented_name(generator: torch.Generator, used: set) -> str:
 
 
 def fact_corpus(n_entities: int = 24, relations_per_entity: int = 2, n_filler: int = 24, n_distractors: int = 12,
-                pretraining_entities: int = 24, seed: int = 0) -> dict:
+                pretraining_entities: int = 24, seed: int = 0, co_mention_distractors: int = 0,
+                pretraining_paraphrases: float = 0.0) -> dict:
     """A corpus of invented facts: each fact is stated in exactly one document.
 
     Returns a dict with
@@ -113,6 +114,16 @@ def fact_corpus(n_entities: int = 24, relations_per_entity: int = 2, n_filler: i
       - ``questions``: ``{"prompt", "paraphrase", "answer", "document_id", "source", "relation", "entity"}``
         for every fact, with the id of the one document that states it;
       - ``pretraining``: texts about other invented entities, for learning the language before fine-tuning.
+
+    The two options below add to that output and leave everything else exactly as without them:
+
+    Args:
+        co_mention_distractors: number of extra documents (``co-mention-0000``, …) that name the entity *and* the
+            answer of a fact (facts taken in a seeded random order) in a sentence that does not state the fact —
+            the documents that share a question's words without supporting its answer.
+        pretraining_paraphrases: fraction of the pretraining entities (the first ones) whose facts are also stated in
+            paraphrased question form (``"Which city is the seat of government in X? It is Y."``), so that the model
+            can learn that the paraphrase asks for the same relation as the statement (``True`` means all).
     """
     generator = torch.Generator().manual_seed(seed)
     used: set = set()
@@ -148,11 +159,40 @@ def fact_corpus(n_entities: int = 24, relations_per_entity: int = 2, n_filler: i
     for index in range(n_filler):
         source = SOURCES[int(torch.randint(len(SOURCES), (1,), generator=generator))]
         documents.append({"document_id": f"filler-{index:04d}", "source": source, "text": f"{filler()} {filler()}", "fact": False})
-    pretraining = []
-    for _ in range(pretraining_entities):
+    pretraining, paraphrased = [], []
+    paraphrased_entities = int(round(float(pretraining_paraphrases) * pretraining_entities))
+    for position in range(pretraining_entities):
         entity = _invented_name(generator, used)
         for relation in relation_names:
-            statement = RELATIONS[relation][0]
-            pretraining.append(f"{statement.format(e=entity, v=value_for(relation))} {filler()}")
+            statement, _, paraphrase, _ = RELATIONS[relation]
+            value = value_for(relation)
+            pretraining.append(f"{statement.format(e=entity, v=value)} {filler()}")
+            if position < paraphrased_entities:
+                paraphrased.append(f"{paraphrase.format(e=entity)} {value}.")
     pretraining += _FILLER * 4
+    pretraining += paraphrased
+    if co_mention_distractors:
+        documents += _co_mention_documents(questions, co_mention_distractors, seed)
     return {"documents": documents, "questions": questions, "pretraining": pretraining}
+
+
+_CO_MENTIONS = [  # as long as the fact statements (3–4 words that are not stop words), so length does not tell them apart
+    "Songs pair {e} with {v}.",
+    "Tales link {e} to {v}.",
+    "{v} is a word heard in {e}.",
+    "{e} honours {v}.",
+]
+
+
+def _co_mention_documents(questions: list[dict], count: int, seed: int) -> list[dict]:
+    """Documents naming a fact's entity and answer without stating the fact (own generator: the rest is unchanged)."""
+    generator = torch.Generator().manual_seed(10_007 + seed)
+    order = torch.randperm(len(questions), generator=generator).tolist()
+    documents = []
+    for index in range(count):
+        question = questions[order[index % len(order)]]
+        template = _CO_MENTIONS[int(torch.randint(len(_CO_MENTIONS), (1,), generator=generator))]
+        source = SOURCES[int(torch.randint(len(SOURCES), (1,), generator=generator))]
+        text = f"{template.format(e=question['entity'], v=question['answer'].strip())} {_FILLER[int(torch.randint(len(_FILLER), (1,), generator=generator))]}"
+        documents.append({"document_id": f"co-mention-{index:04d}", "source": source, "text": text, "fact": False})
+    return documents

@@ -1,0 +1,94 @@
+"""Fact-tracing metrics: where does a score matrix rank each query's true document (and source)?
+
+Ties are broken at random and every metric is its expectation over that choice, so a method that gives
+every document the same score scores like a random ranking, not like a perfect one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .evaluation import EvaluationError
+
+__all__ = ["reciprocal_ranks", "recall_at_k", "source_scores_from_documents", "summarize", "top_choice_accuracy", "true_document_ranks"]
+
+
+def true_document_ranks(scores: Any, true_index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The best and worst rank (1-based) the true document can take in each row of `scores`.
+
+    Returns (first, last): the true document ranks first + 0, …, last − first places below first with
+    equal probability when ties are broken at random.
+    """
+    scores = _matrix(scores)
+    true_index = np.asarray(true_index, dtype=np.int64)
+    if true_index.shape != (scores.shape[0],) or true_index.min(initial=0) < 0 or true_index.max(initial=0) >= scores.shape[1]:
+        raise EvaluationError(f"`true_index` must hold one document index in [0, {scores.shape[1]}) per query, got shape {true_index.shape}.")
+    true_scores = scores[np.arange(len(true_index)), true_index][:, None]
+    above = (scores > true_scores).sum(axis=1)
+    tied = (scores == true_scores).sum(axis=1) - 1
+    return above + 1, above + 1 + tied
+
+
+def recall_at_k(scores: Any, true_index: Any, k: int) -> np.ndarray:
+    """Per query, the probability that the true document is among the top `k` (ties broken at random)."""
+    first, last = true_document_ranks(scores, true_index)
+    return np.clip(k - first + 1, 0, None).clip(max=last - first + 1) / (last - first + 1)
+
+
+def reciprocal_ranks(scores: Any, true_index: Any) -> np.ndarray:
+    """Per query, the expected 1 / rank of the true document (ties broken at random); MRR is their mean."""
+    first, last = true_document_ranks(scores, true_index)
+    return np.array([np.mean(1.0 / np.arange(a, b + 1)) for a, b in zip(first, last)])
+
+
+def source_scores_from_documents(scores: Any, document_sources: Sequence[Optional[str]], source_names: Sequence[str]) -> np.ndarray:
+    """[n_queries, n_sources]: each source's score is the sum of its documents' scores."""
+    scores = _matrix(scores)
+    position = {name: i for i, name in enumerate(source_names)}
+    membership = np.zeros((scores.shape[1], len(source_names)))
+    for row, source in enumerate(document_sources):
+        if source in position:
+            membership[row, position[source]] = 1.0
+    return scores @ membership
+
+
+def top_choice_accuracy(scores: Any, true_index: Any) -> np.ndarray:
+    """Per row, the probability that the true column has the highest score (ties broken at random)."""
+    return recall_at_k(scores, true_index, 1)
+
+
+def _matrix(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 2:
+        raise EvaluationError(f"Scores must be a [n_queries, n_documents] matrix, got shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        raise EvaluationError("Scores contain NaN or infinite values; a ranking with them is undefined.")
+    return array
+
+
+def summarize(scores: Any, true_index: Sequence[int], groups: dict[str, Any], source_scores: Optional[Any] = None,
+              true_source: Optional[Sequence[int]] = None, ks: Sequence[int] = (1, 10)) -> dict:
+    """recall@k, MRR (and source accuracy, when source scores are given) over each group of queries.
+
+    `groups` maps a name to a boolean mask over the queries (e.g. one per query kind, and "all");
+    empty groups are left out.
+    """
+    recalls = {k: recall_at_k(scores, true_index, k) for k in ks}
+    reciprocal = reciprocal_ranks(scores, true_index)
+    source_hits = None if source_scores is None else top_choice_accuracy(source_scores, true_source)
+    summary = {}
+    for name, mask in groups.items():
+        rows = np.asarray(mask, dtype=bool)
+        if not rows.any():
+            continue
+        entry = {f"recall@{k}": float(recalls[k][rows].mean()) for k in ks}
+        entry["mrr"] = float(reciprocal[rows].mean())
+        if source_hits is not None:
+            entry["source_accuracy"] = float(source_hits[rows].mean())
+        entry["n_queries"] = int(rows.sum())
+        summary[name] = entry
+    return summary

@@ -1,0 +1,340 @@
+"""Fact tracing (DESIGN §7): does an attribution method find the one document that states a fact?
+
+A fact-tracing set is a table of documents (id, source, text) and a table of queries (a prompt, the
+answer, the id of the one document that states the fact, and optionally a kind such as "verbatim" or
+"paraphrase"). Every method scores every (query, document) pair — the query measurement is
+f_q = log p(answer | prompt) — and is judged by where it ranks the true document:
+
+- recall@k: the fraction of queries whose true document is among the k highest scores;
+- MRR: the mean of 1 / rank of the true document;
+- source accuracy: the fraction of queries whose true document's source has the highest score after
+  the document scores are summed by source (scores are linear in up-weighting, so a source's score is
+  the score of its summed response: exactly what the artifact's per-source readout gives).
+
+Queries are also grouped by whether the model *answers* them (each answer token is the model's most
+likely next token): attributing an answer the model would not give asks which documents would teach
+it, a different question.
+
+`evaluate_fact_tracing` runs the forward-only readout and the peers of `peers.py` on one set in one run;
+`run_evaluation` adds the default model, the JSON and the figures; `hf-fwdattr evaluate` is its command
+line. The tables are read by `fact_data.py`, the metrics are in `fact_metrics.py`, the figures in
+`fact_plots.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .documents import DocumentSet
+from .fact_data import FactTracingDataError, FactTracingSet, query_examples, tokenized_documents
+from .fact_metrics import source_scores_from_documents, summarize
+from .task import IGNORE_INDEX, CausalLMTask
+
+logger = logging.getLogger(__name__)
+
+
+
+class Method(str, Enum):
+    """The methods a fact-tracing evaluation compares."""
+
+    OURS = "ours"
+    """The artifact's responses read out forward-only (`ArtifactScorer`)."""
+    BM25 = "bm25"
+    """Lexical retrieval: the query and answer text against each document's text."""
+    GRAD_DOT = "grad_dot"
+    """Gradient dot product in the artifact's subspace."""
+    INFLUENCE = "influence"
+    """Exact damped influence in the artifact's subspace, with the full-batch curvature."""
+    RANDOM = "random"
+    """A seeded random ranking."""
+
+
+METHODS = tuple(m.value for m in Method)
+METHOD_LABELS = {
+    "ours": "ours (forward-only readout)",
+    "bm25": "BM25",
+    "grad_dot": "gradient dot product",
+    "influence": "exact damped influence",
+    "random": "random",
+}
+# The corpus `hf-fwdattr evaluate` builds by default: the demo's facts, one co-mention distractor per fact (a
+# document naming the fact's entity and answer without stating it), and pretraining that shows the paraphrased
+# question form on other entities, so that a paraphrased query asks the model something it can know.
+EVALUATION_CORPUS = {"co_mention_distractors": 48, "pretraining_paraphrases": 1.0, "pretraining_entities": 192}
+
+
+# ---------------------------------------------------------------------- the evaluation
+@dataclass
+class FactTracingResult:
+    """Scores and metrics of every method on one fact-tracing set.
+
+    Attributes:
+        metrics: method → query kind (and ``"all"``) → recall@1, recall@10, MRR, source accuracy, n_queries.
+        scores: method → [n_queries, n_documents] document scores (artifact row order).
+        source_scores: method → [n_queries, n_sources] scores summed by source.
+        document_ids, source_names: the columns of the two score matrices.
+        true_index, true_source: per query, the column of the true document and of its source.
+        kinds: per query, its kind.
+        seconds: method → wall time of its scores.
+        details: solver reports and settings, JSON-serialisable.
+    """
+
+    metrics: dict
+    scores: dict[str, torch.Tensor]
+    source_scores: dict[str, np.ndarray]
+    document_ids: list[str]
+    source_names: list[str]
+    true_index: np.ndarray
+    true_source: np.ndarray
+    kinds: list[str]
+    seconds: dict
+    details: dict
+
+    def to_dict(self) -> dict:
+        """Metrics, timings and details (not the score matrices), for a JSON file."""
+        return {"metrics": self.metrics, "seconds": self.seconds, "details": self.details,
+                "n_documents": len(self.document_ids), "n_sources": len(self.source_names), "n_queries": len(self.kinds)}
+
+
+def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: FactTracingSet, methods: Sequence[str] = METHODS,
+                          append_eos: bool = True, influence_solver: str = "auto", influence_tolerance: float = 1e-4,
+                          influence_max_iterations: int = 2000, influence_eigensystem=None, seed: int = 0) -> FactTracingResult:
+    """Score every query of `data` against the artifact's documents with each of `methods` and rank the true ones.
+
+    ``ours`` is the artifact read out forward-only (`ArtifactScorer`: document scores from the responses,
+    source scores from the per-source summed responses). The gradient peers work in the artifact's own
+    subspace on the same model; exact influence uses the artifact's damping and curvature kind, with the
+    documents as the full training batch (`influence_eigensystem`: a `peers.CurvatureEigensystem` of that
+    curvature, already built, for the dense solver).
+    """
+    from .peers import BM25Scores, gradient_dot_scores, random_scores
+    from .scoring import ArtifactScorer
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    methods = [Method(m) for m in methods]
+    documents = tokenized_documents(data, tokenizer, artifact, append_eos)
+    queries = query_examples(data, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    task = CausalLMTask(pad_token_id=pad if pad is not None else 0)
+    ids, sources = list(artifact.documents.document_ids), list(artifact.documents.sources)
+    source_names = list(artifact.source_names)
+    true_index = np.array([ids.index(q["document_id"]) for q in data.queries])
+    true_source = np.array([source_names.index(sources[i]) if sources[i] in source_names else -1 for i in true_index])
+    config = artifact.config
+    damping = float(getattr(config, "curvature_shift", config.damping))
+    scores, source_scores, seconds, details = {}, {}, {}, {"damping": damping, "curvature": config.curvature.value,
+                                                            "horizon": config.horizon, "subspace_dim": artifact.dim}
+    scorer = ArtifactScorer(artifact, model, task)
+    peers = _Peers(scorer.subspace, task, documents, queries, damping, config.curvature,
+                   {"solver": influence_solver, "tolerance": influence_tolerance, "max_iterations": influence_max_iterations,
+                    "eigensystem": influence_eigensystem})
+    try:
+        for method in methods:
+            start = time.perf_counter()
+            if method is Method.OURS:
+                scores[method.value] = scorer.document_scores(queries).double()
+                if source_names:  # the exact per-source readout: one direction per source
+                    source_scores[method.value] = scorer.source_scores(queries).double().numpy()
+            elif method is Method.BM25:
+                by_id = {d["document_id"]: d for d in data.documents}
+                bm25 = BM25Scores([by_id[i]["text"] or "" for i in ids])
+                scores[method.value] = bm25.scores([f"{q['query']} {q['answer'].strip()}" for q in data.queries])
+            elif method is Method.RANDOM:
+                scores[method.value] = random_scores(len(queries), len(ids), seed)
+            elif method is Method.GRAD_DOT:
+                scores[method.value] = gradient_dot_scores(scorer.subspace, task, queries, documents, peers.document_gradients())
+            else:
+                scores[method.value], solve = peers.influence()
+                details["influence"] = solve.summary()
+            if method.value not in source_scores and source_names:
+                source_scores[method.value] = source_scores_from_documents(scores[method.value], sources, source_names)
+            seconds[method.value] = time.perf_counter() - start
+            logger.info("%s: scores in %.1fs", method.value, seconds[method.value])
+    finally:
+        scorer.close()
+    kinds = data.kinds
+    log_probs, answered = answer_statistics(model, task, queries)
+    details["answers"] = {kind: {"mean_log_prob": float(log_probs[mask].mean()), "answered": float(answered[mask].mean())}
+                          for kind, mask in query_groups(kinds).items()}
+    groups = query_groups(kinds, answered)
+    metrics = {m: summarize(scores[m], true_index, groups, source_scores.get(m) if source_names else None,
+                            true_source if source_names else None) for m in scores}
+    return FactTracingResult(metrics, scores, source_scores, ids, source_names, true_index, true_source, kinds, seconds, details)
+
+
+class _Peers:
+    """The gradient peers on one subspace, sharing the document gradients."""
+
+    def __init__(self, subspace, task, documents: DocumentSet, queries: list, damping: float, curvature, influence_options: dict):
+        self.subspace, self.task, self.documents, self.queries = subspace, task, documents, queries
+        self.damping, self.curvature, self.influence_options = damping, curvature, influence_options
+        self._document_gradients = None
+
+    def document_gradients(self) -> torch.Tensor:
+        if self._document_gradients is None:
+            from .gradients import document_gradients
+
+            self._document_gradients = document_gradients(self.subspace, self.task, self.documents, dtype=torch.float64)
+        return self._document_gradients
+
+    def influence(self):
+        from .peers import damped_influence_scores
+
+        return damped_influence_scores(self.subspace, self.task, self.queries, self.documents, self.documents.examples, self.damping,
+                                       self.curvature, self.document_gradients(), **self.influence_options)
+
+
+def query_groups(kinds: Sequence[str], answered: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Masks over the queries: one per kind, then (with `answered`) each kind's answered ones, then all."""
+    kinds = np.asarray(list(kinds), dtype=object)
+    groups = {kind: kinds == kind for kind in dict.fromkeys(kinds.tolist())}
+    if answered is not None:
+        groups.update({f"{kind}, answered": mask & answered for kind, mask in list(groups.items())})
+    groups["all"] = np.ones(len(kinds), dtype=bool)
+    return groups
+
+
+def answer_statistics(model: torch.nn.Module, task: CausalLMTask, queries: Sequence[dict], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, log p(answer | prompt) and whether every answer token is the model's most likely next token."""
+    from .functional import evaluation_mode
+
+    log_probs, answered = [], []
+    with torch.inference_mode(), evaluation_mode(model):
+        for lo in range(0, len(queries), batch_size):
+            batch = task.collate(list(queries[lo : lo + batch_size]))
+            outputs = task.outputs(model, batch)
+            labels = batch["labels"][:, 1:].to(outputs.device)
+            log_probs.append((-task.loss_from_outputs(outputs, batch)).double().cpu().numpy())
+            hits = (outputs[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
+            answered.append(hits.all(dim=1).cpu().numpy())
+    return np.concatenate(log_probs), np.concatenate(answered)
+
+
+def token_attributions(model: torch.nn.Module, tokenizer, artifact, query: str, answer: str) -> tuple[list[str], torch.Tensor]:
+    """Per-token document scores of one answer: row i is log p(answer token i | query, earlier tokens) attributed
+    to every document, forward-only (the pipeline's ``per_token=True``). Returns the tokens and [n_tokens, n_documents]."""
+    from .scoring import ArtifactScorer
+
+    prompt = tokenizer(query)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    examples = [{"input_ids": prompt + answer_ids[: i + 1], "labels": [IGNORE_INDEX] * (len(prompt) + i) + [answer_ids[i]]}
+                for i in range(len(answer_ids))]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scorer = ArtifactScorer(artifact, model, CausalLMTask(pad_token_id=pad))
+    try:
+        return [tokenizer.decode([t]) for t in answer_ids], scorer.document_scores(examples).double()
+    finally:
+        scorer.close()
+
+
+def format_table(result: FactTracingResult, groups: Optional[Sequence[str]] = None) -> str:
+    """The metrics as a Markdown table: one row per query group (all groups, or `groups`) and method."""
+    lines = ["| queries | method | recall@1 | recall@10 | MRR | source accuracy |", "|---|---|---|---|---|---|"]
+    names = list(next(iter(result.metrics.values()))) if groups is None else list(groups)
+    for kind in names:
+        for method, by_kind in result.metrics.items():
+            if kind not in by_kind:
+                continue
+            m = by_kind[kind]
+            source = f"{m['source_accuracy']:.3f}" if "source_accuracy" in m else "–"
+            lines.append(f"| {kind} ({m['n_queries']}) | {METHOD_LABELS.get(method, method)} | {m['recall@1']:.3f} | "
+                         f"{m['recall@10']:.3f} | {m['mrr']:.3f} | {source} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the command
+def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = None, influence_path: Optional[str] = None,
+                   documents_path: Optional[str] = None, queries_path: Optional[str] = None, methods: Optional[Sequence[str]] = None,
+                   seed: int = 0, append_eos: bool = True, columns: Optional[dict] = None, plots: bool = True,
+                   influence_max_dim: int = 4096, **evaluation_kwargs) -> FactTracingResult:
+    """What `hf-fwdattr evaluate` does: evaluate, then write ``fact_tracing.json`` and the figures to `output_dir`.
+
+    Without `model_path`, the fact model is built on `EVALUATION_CORPUS` with `demo.train_fact_model` into
+    ``output_dir/fact_model`` (or reused from there), and its documents and queries are written to
+    ``output_dir/data`` in the format a user's own files take. With `model_path`, `influence_path`,
+    `documents_path` and `queries_path` are required; `columns` renames the columns read (see
+    `FactTracingSet.from_files`). `methods` None means all of them, except exact influence when the subspace
+    has more than `influence_max_dim` dimensions (it needs up to p curvature–vector products: hours for the
+    default model on a CPU); name it in `methods` to run it anyway.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .artifact import InfluenceArtifact
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if model_path is None:
+        model_path, influence_path, data = default_fact_model(output_dir / "fact_model", seed)
+        data.save(output_dir / "data")
+    else:
+        missing = [name for name, value in (("influence", influence_path), ("documents", documents_path), ("queries", queries_path)) if value is None]
+        if missing:
+            raise FactTracingDataError(f"With a model of your own, also give --{' --'.join(missing)} (the artifact, and the two tables).")
+        data = FactTracingSet.from_files(documents_path, queries_path, **(columns or {}))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    artifact = InfluenceArtifact.from_pretrained(influence_path)
+    skipped = {}
+    if methods is None:
+        methods = [m for m in METHODS if m != "influence" or artifact.dim <= influence_max_dim]
+        if "influence" not in methods:
+            skipped["influence"] = (f"the subspace has p = {artifact.dim} > {influence_max_dim} dimensions; exact influence needs up to "
+                                    "p curvature-vector products. Name it in --methods to run it anyway.")
+            logger.warning("Exact influence left out: %s", skipped["influence"])
+    result = evaluate_fact_tracing(model, tokenizer, artifact, data, methods, append_eos, seed=seed, **evaluation_kwargs)
+    report = {**result.to_dict(), "model": str(model_path), "influence": str(influence_path), "methods": list(methods),
+              "skipped": skipped, "seed": seed}
+    (output_dir / "fact_tracing.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if plots:
+        _figures(result, model, tokenizer, artifact, data, output_dir)
+    return result
+
+
+def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str, str, FactTracingSet]:
+    """The fact model on `EVALUATION_CORPUS` in `directory` (built with `demo.train_fact_model` unless one with the
+    same documents is there): its model folder, its artifact folder, and the fact-tracing set of its corpus."""
+    from .artifact import InfluenceArtifact
+    from .toy import fact_corpus
+
+    directory = Path(directory)
+    corpus = fact_corpus(seed=seed, **EVALUATION_CORPUS)
+    model_dir, influence_dir = directory / "model", directory / "influence"
+    reusable = False
+    if (model_dir / "config.json").is_file() and influence_dir.is_dir():
+        try:
+            reusable = InfluenceArtifact.from_pretrained(influence_dir).documents.document_ids == [d["document_id"] for d in corpus["documents"]]
+        except Exception:  # an interrupted or foreign build: train again
+            reusable = False
+    if reusable:
+        logger.info("Reusing the fact model in %s.", directory)
+    else:
+        from .demo import train_fact_model
+
+        train_fact_model(directory, seed=seed, corpus_kwargs=EVALUATION_CORPUS)
+    return str(model_dir), str(influence_dir), FactTracingSet.from_corpus(corpus)
+
+
+def _figures(result: FactTracingResult, model, tokenizer, artifact, data: FactTracingSet, output_dir: Path) -> None:
+    from .fact_plots import plot_recall_mrr, plot_score_distributions, plot_token_attribution
+
+    plot_recall_mrr(result, output_dir / "recall_mrr.png")
+    plot_score_distributions(result, output_dir / "score_distributions.png")
+    if "ours" in result.scores:
+        kinds = data.kinds
+        index = kinds.index("paraphrase") if "paraphrase" in kinds else 0
+        query = data.queries[index]
+        tokens, scores = token_attributions(model, tokenizer, artifact, query["query"], query["answer"])
+        plot_token_attribution(tokens, scores, result.document_ids, f"{query['query']} →{query['answer']}  (forward-only, per token)",
+                               output_dir / "token_attribution.png", highlight=query["document_id"])
