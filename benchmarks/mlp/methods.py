@@ -48,7 +48,7 @@ def examples(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> list:
 
 
 @dataclass
-class Curvature:
+class ExplicitCurvature:
     """Explicit curvature of the mean training cross-entropy at θ* and its eigen-decomposition."""
 
     matrix: torch.Tensor
@@ -56,7 +56,7 @@ class Curvature:
     eigenvectors: torch.Tensor
 
     @classmethod
-    def of(cls, matrix: torch.Tensor) -> "Curvature":
+    def of(cls, matrix: torch.Tensor) -> "ExplicitCurvature":
         matrix = (matrix + matrix.T) / 2
         values, vectors = torch.linalg.eigh(matrix)
         return cls(matrix, values, vectors)
@@ -66,7 +66,7 @@ class Curvature:
         return float(self.eigenvalues.abs().max())
 
 
-def explicit_curvatures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Curvature]:
+def explicit_curvatures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, ExplicitCurvature]:
     """Hessian and Gauss–Newton matrices of the mean cross-entropy (no weight decay) at θ*, by plain autograd."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -87,7 +87,7 @@ def explicit_curvatures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     probs = torch.softmax(logits_of(flat, x), dim=1)
     output_hessian = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
     ggn = torch.einsum("ncp,ncd,ndq->pq", jacobian, output_hessian, jacobian) / len(y)
-    return {"hessian": Curvature.of(hessian.detach()), "ggn": Curvature.of(ggn.detach())}
+    return {"hessian": ExplicitCurvature.of(hessian.detach()), "ggn": ExplicitCurvature.of(ggn.detach())}
 
 
 def horizon_filter(eigenvalues: torch.Tensor, damping: float, step_size: Optional[float], horizon: Optional[int]) -> torch.Tensor:
@@ -101,7 +101,7 @@ def horizon_filter(eigenvalues: torch.Tensor, damping: float, step_size: Optiona
 class EigenScorer:
     """Scores −∇f_qᵀ V F Vᵀ g_b for any filter F, with ∇f_q V and G V computed once."""
 
-    def __init__(self, curvature: Curvature, query_grads: torch.Tensor, train_grads: torch.Tensor):
+    def __init__(self, curvature: ExplicitCurvature, query_grads: torch.Tensor, train_grads: torch.Tensor):
         self.curvature = curvature
         self.query_side = query_grads @ curvature.eigenvectors
         self.train_side = train_grads @ curvature.eigenvectors

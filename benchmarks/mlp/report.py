@@ -58,7 +58,8 @@ def tables(results: dict) -> str:
             "| solver | " + " | ".join(f"K={k}" for k in HORIZONS) + " |",
             "| --- | " + " | ".join("---" for _ in HORIZONS) + " |",
         ]
-        for prefix in ("ours linearized (ggn)", "ours linearized (hessian)", "ours two_trajectory", "ours single_trajectory"):
+        for prefix in ("ours linearized (ggn)", "ours linearized (hessian)", "ours closed_form (ggn)", "ours closed_form (hessian)",
+                       "ours two_trajectory", "ours single_trajectory"):
             cells = []
             for k in HORIZONS:
                 entry = result["methods"].get(f"{prefix} K={k}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from hf_fwdattr import AttributionConfig, AttributionSubspace, ForwardReadout, S
 from hf_fwdattr.evaluation import lds, leave_one_out, split_half_ceiling
 
 from . import costs
-from .ensemble import TrainingRecipe, module_from, train_ensemble
+from .ensemble import module_from, train_ensemble
 from .ground_truth import CACHE, lds_outputs, load_or_generate, loo_effects_per_seed
 from .methods import TASK, EigenScorer, TrakRunner, examples, explicit_curvatures, gradient_dot, gradients, horizon_filter, run_ours
 from .settings import SETTINGS, load
@@ -143,19 +144,22 @@ def run_setting(setting, args) -> dict:
             chosen[(kind, horizon)] = {"damping": best[1] * wd, "step_fraction": best[2], "step_size": best[3], "validation_lds": best[0]}
 
     ours_scores = {}
-    for solver, kind in (("linearized", "ggn"), ("linearized", "hessian"), ("two_trajectory", "hessian"), ("single_trajectory", "hessian")):
+    solvers = (("linearized", "ggn"), ("linearized", "hessian"), ("closed_form", "ggn"), ("closed_form", "hessian"),
+               ("two_trajectory", "hessian"), ("single_trajectory", "hessian"))
+    for solver, kind in solvers:
         for horizon in args.horizons:
             choice = chosen[(kind, horizon)]
-            name = f"ours {solver} ({kind}) K={horizon}" if solver == "linearized" else f"ours {solver} K={horizon}"
+            name = f"ours {solver} ({kind}) K={horizon}" if solver in ("linearized", "closed_form") else f"ours {solver} K={horizon}"
             # Hessian runs carry the training objective's weight decay explicitly (θ* is stationary only with it, which the
             # trajectory solvers need); λ − wd is the extra damping. For the GGN, λ stands for wd + extra damping.
             shift = dict(damping=choice["damping"] - wd, weight_decay=wd) if kind == "hessian" else dict(damping=choice["damping"])
             config = AttributionConfig(**shift, step_size=choice["step_size"], horizon=horizon, solver=solver,
                                        curvature=kind, batch_size=setting.n_train, dtype="float64", readout="jvp",
-                                       readout_chunk_size=256, simulation_chunk_size=setting.n_train, trajectory_epsilon=args.trajectory_epsilon)
+                                       readout_chunk_size=256, simulation_chunk_size=setting.n_train, trajectory_epsilon=args.trajectory_epsilon,
+                                       eigenbasis="explicit")
             # a trajectory solver pays K full-batch gradient steps per document, one document at a time: past the budget,
             # simulate the LOO points only (LOO metrics, no LDS) — the linearised solver gives the same responses batched
-            subset = solver != "linearized" and setting.n_train * horizon > args.trajectory_budget
+            subset = solver.endswith("trajectory") and setting.n_train * horizon > args.trajectory_budget
             documents = evaluator.loo_points.tolist() if subset else None
             try:
                 result = run_ours(model, train, test_queries, config, documents)
@@ -256,18 +260,28 @@ def measure_costs(setting, data, truth, model, train, test_queries, out, ours_sc
     kind = max(exact_choice, key=lambda k: out["methods"][f"exact influence ({k})"]["validation_lds"])
     matrix = curvatures[kind].matrix
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
-    (exact_responses), solve_seconds, solve_memory = costs.timed(lambda: -torch.linalg.solve(matrix + exact_choice[kind] * eye, train_grads.T).T)
+    exact_responses, solve_seconds, _ = costs.timed(lambda: -torch.linalg.solve(matrix + exact_choice[kind] * eye, train_grads.T).T)
 
     def backward_readout(queries, stored):
         return query_gradients(subspace, TASK, queries, dtype=torch.float64) @ stored.T
 
-    # compressed forward readout: U ≈ C Vᵀ with the top-k right singular vectors
-    rank = args.compressed_rank
+    # compressed forward readout: U ≈ C Vᵀ with the top-k right singular vectors; k is the smallest rank whose
+    # validation LDS is within 0.01 of the exact readout's (validation queries only)
     (u_, s_, vt_), svd_seconds, _ = costs.timed(lambda: torch.linalg.svd(responses.double(), full_matrices=False))
+    evaluator = Evaluator(setting, truth)
+    validation_queries = examples(data.x_validation, data.y_validation, torch.float64)
+    exact_validation = evaluator.lds(readout.scores(validation_queries, responses).double().numpy(), "validation").mean
+    ranks = [k for k in args.compressed_ranks if k < min(responses.shape)] + [min(responses.shape)]
+    rank_sweep = {}
+    for rank in ranks:
+        scores_k = (readout.scores(validation_queries, vt_[:rank]).double() @ (u_[:, :rank] * s_[:rank]).T).numpy()
+        rank_sweep[rank] = evaluator.lds(scores_k, "validation").mean
+        if rank_sweep[rank] >= exact_validation - 0.01:
+            break
     basis, coefficients = vt_[:rank].contiguous(), (u_[:, :rank] * s_[:rank]).contiguous()
     compressed_scores = (readout.scores(test_queries, basis).double() @ coefficients.T).numpy()
-    evaluator = Evaluator(setting, truth)
-    out["methods"][f"{best_ours} [compressed readout, k={rank}]"] = {**evaluator.report(compressed_scores), "variant_of": best_ours}
+    out["methods"][f"{best_ours} [compressed readout, k={rank}]"] = {**evaluator.report(compressed_scores), "variant_of": best_ours,
+                                                                      "validation_lds_by_rank": rank_sweep}
 
     trak_best = {}
     for count in TRAK_CHECKPOINTS:
@@ -279,9 +293,9 @@ def measure_costs(setting, data, truth, model, train, test_queries, out, ours_sc
     for count, (dim, c) in trak_best.items():
         diagonal = out["methods"][f"TRAK T={count} k={dim}"]["lambda_reg"]
         runner = TrakRunner(checkpoints[:count], data.x_train, data.y_train, dim, diagonal, workdir)
-        (featurize_seconds), _, featurize_memory = costs.timed(runner.featurize)
+        featurize_seconds, _, featurize_memory = costs.timed(runner.featurize)  # featurize() returns its own wall time
         runners[count] = runner
-        trak_precompute[count] = (featurize_seconds[1] if isinstance(featurize_seconds, tuple) else featurize_seconds, featurize_memory)
+        trak_precompute[count] = (featurize_seconds, featurize_memory)
 
     # training one more checkpoint (TRAK's T > 1 needs T − 1 of them)
     _, train_seconds, _ = costs.timed(lambda: train_ensemble(data.spec, setting.recipe, data.x_train, data.y_train,
@@ -350,7 +364,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared 2-core machine)")
     parser.add_argument("--regenerate", action="store_true", help="retrain the ground truth even if cached")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per method (interleaved)")
-    parser.add_argument("--compressed-rank", type=int, default=32)
+    parser.add_argument("--compressed-ranks", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
+                        help="ranks tried for the compressed readout (smallest within 0.01 validation LDS of exact wins)")
     parser.add_argument("--trajectory-epsilon", type=float, default=1e-4)
     parser.add_argument("--trajectory-budget", type=int, default=30_000,
                         help="trajectory solvers simulate only the LOO points when n_train × K exceeds this")
@@ -359,7 +374,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": torch.get_num_threads() and __import__("os").cpu_count(),
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                            "torch_threads": args.threads, "torch": torch.__version__}, "settings": {}}
     for name in args.settings:
         results["settings"][name] = run_setting(SETTINGS[name], args)
