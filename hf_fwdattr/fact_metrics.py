@@ -43,10 +43,21 @@ def reciprocal_ranks(scores: Any, true_index: Any) -> np.ndarray:
     return np.array([np.mean(1.0 / np.arange(a, b + 1)) for a, b in zip(first, last)])
 
 
-def source_scores_from_documents(scores: Any, document_sources: Sequence[Optional[str]], source_names: Sequence[str]) -> np.ndarray:
-    """[n_queries, n_sources]: each source's score is the sum of its documents' scores."""
+def source_scores_from_documents(scores: Any, document_sources: Sequence[Optional[str]], source_names: Sequence[str],
+                                 aggregate: str = "sum") -> np.ndarray:
+    """[n_queries, n_sources]: each source's score is the sum of its documents' scores (``aggregate="sum"``: the
+    counterfactual effect of the whole source, what the per-source readout gives), or their maximum (``"max"``:
+    the source of the best document)."""
     scores = _matrix(scores)
     position = {name: i for i, name in enumerate(source_names)}
+    if aggregate == "max":
+        out = np.full((scores.shape[0], len(source_names)), -np.inf)
+        for row, source in enumerate(document_sources):
+            if source in position:
+                out[:, position[source]] = np.maximum(out[:, position[source]], scores[:, row])
+        return out
+    if aggregate != "sum":
+        raise EvaluationError(f"`aggregate` must be 'sum' or 'max', got {aggregate!r}.")
     membership = np.zeros((scores.shape[1], len(source_names)))
     for row, source in enumerate(document_sources):
         if source in position:
@@ -71,15 +82,17 @@ def _matrix(values: Any) -> np.ndarray:
 
 
 def summarize(scores: Any, true_index: Sequence[int], groups: dict[str, Any], source_scores: Optional[Any] = None,
-              true_source: Optional[Sequence[int]] = None, ks: Sequence[int] = (1, 10)) -> dict:
+              true_source: Optional[Sequence[int]] = None, ks: Sequence[int] = (1, 10), top_document_sources: Optional[Any] = None) -> dict:
     """recall@k, MRR (and source accuracy, when source scores are given) over each group of queries.
 
     `groups` maps a name to a boolean mask over the queries (e.g. one per query kind, and "all");
-    empty groups are left out.
+    empty groups are left out. `top_document_sources` ([n_queries, n_sources], e.g. max-aggregated scores)
+    adds ``source_accuracy_top_document``.
     """
     recalls = {k: recall_at_k(scores, true_index, k) for k in ks}
     reciprocal = reciprocal_ranks(scores, true_index)
     source_hits = None if source_scores is None else top_choice_accuracy(source_scores, true_source)
+    top_hits = None if top_document_sources is None else top_choice_accuracy(np.where(np.isfinite(top_document_sources), top_document_sources, -1e300), true_source)
     summary = {}
     for name, mask in groups.items():
         rows = np.asarray(mask, dtype=bool)
@@ -89,6 +102,8 @@ def summarize(scores: Any, true_index: Sequence[int], groups: dict[str, Any], so
         entry["mrr"] = float(reciprocal[rows].mean())
         if source_hits is not None:
             entry["source_accuracy"] = float(source_hits[rows].mean())
+        if top_hits is not None:
+            entry["source_accuracy_top_document"] = float(top_hits[rows].mean())
         entry["n_queries"] = int(rows.sum())
         summary[name] = entry
     return summary

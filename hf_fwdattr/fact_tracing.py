@@ -9,7 +9,9 @@ f_q = log p(answer | prompt) — and is judged by where it ranks the true docume
 - MRR: the mean of 1 / rank of the true document;
 - source accuracy: the fraction of queries whose true document's source has the highest score after
   the document scores are summed by source (scores are linear in up-weighting, so a source's score is
-  the score of its summed response: exactly what the artifact's per-source readout gives).
+  the score of its summed response: exactly what the artifact's per-source readout gives, with one
+  direction per source); and, for comparison, the fraction whose top-scoring document comes from the
+  true source (``source_accuracy_top_document``: needs every document's score).
 
 Queries are also grouped by whether the model *answers* them (each answer token is the model's most
 likely next token): attributing an answer the model would not give asks which documents would teach
@@ -167,8 +169,11 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
     details["answers"] = {kind: {"mean_log_prob": float(log_probs[mask].mean()), "answered": float(answered[mask].mean())}
                           for kind, mask in query_groups(kinds).items()}
     groups = query_groups(kinds, answered)
-    metrics = {m: summarize(scores[m], true_index, groups, source_scores.get(m) if source_names else None,
-                            true_source if source_names else None) for m in scores}
+    metrics = {}
+    for m in scores:
+        by_top_document = source_scores_from_documents(scores[m], sources, source_names, "max") if source_names else None
+        metrics[m] = summarize(scores[m], true_index, groups, source_scores.get(m) if source_names else None,
+                               true_source if source_names else None, top_document_sources=by_top_document)
     return FactTracingResult(metrics, scores, source_scores, ids, source_names, true_index, true_source, kinds, seconds, details)
 
 
@@ -239,7 +244,7 @@ def token_attributions(model: torch.nn.Module, tokenizer, artifact, query: str, 
 
 def format_table(result: FactTracingResult, groups: Optional[Sequence[str]] = None) -> str:
     """The metrics as a Markdown table: one row per query group (all groups, or `groups`) and method."""
-    lines = ["| queries | method | recall@1 | recall@10 | MRR | source accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| queries | method | recall@1 | recall@10 | MRR | source accuracy (sum) | source of top document |", "|---|---|---|---|---|---|---|"]
     names = list(next(iter(result.metrics.values()))) if groups is None else list(groups)
     for kind in names:
         for method, by_kind in result.metrics.items():
@@ -247,8 +252,9 @@ def format_table(result: FactTracingResult, groups: Optional[Sequence[str]] = No
                 continue
             m = by_kind[kind]
             source = f"{m['source_accuracy']:.3f}" if "source_accuracy" in m else "–"
+            top = f"{m['source_accuracy_top_document']:.3f}" if "source_accuracy_top_document" in m else "–"
             lines.append(f"| {kind} ({m['n_queries']}) | {METHOD_LABELS.get(method, method)} | {m['recall@1']:.3f} | "
-                         f"{m['recall@10']:.3f} | {m['mrr']:.3f} | {source} |")
+                         f"{m['recall@10']:.3f} | {m['mrr']:.3f} | {source} | {top} |")
     return "\n".join(lines)
 
 

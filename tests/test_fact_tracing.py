@@ -45,11 +45,14 @@ def test_source_scores_sum_documents_and_summary_groups():
     scores = np.array([[1.0, 2.0, -4.0], [0.0, 1.0, 3.0]])
     sums = source_scores_from_documents(scores, ["a", "b", "a"], ["a", "b"])
     np.testing.assert_allclose(sums, [[-3.0, 2.0], [3.0, 1.0]])
+    np.testing.assert_allclose(source_scores_from_documents(scores, ["a", "b", "a"], ["a", "b"], "max"), [[1.0, 2.0], [3.0, 1.0]])
     groups = {"x": np.array([True, False]), "empty": np.array([False, False]), "all": np.array([True, True])}
     summary = summarize(scores, [1, 2], groups, sums, [1, 0])
     assert set(summary) == {"x", "all"}
     assert summary["x"] == {"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0, "source_accuracy": 1.0, "n_queries": 1}
     assert summary["all"]["recall@1"] == 1.0 and summary["all"]["source_accuracy"] == 1.0
+    by_top = source_scores_from_documents(scores, ["a", "b", "a"], ["a", "b"], "max")
+    assert summarize(scores, [1, 2], groups, sums, [1, 0], top_document_sources=by_top)["x"]["source_accuracy_top_document"] == 1.0
 
 
 def test_bad_inputs_are_refused():
@@ -165,10 +168,11 @@ def test_evaluate_command_on_own_files(fact_model, tmp_path, capsys):
     documents, queries = FactTracingSet.from_corpus(fact_model["corpus"]).save(tmp_path / "data")
     out = tmp_path / "evaluation"
     main(["evaluate", "--output-dir", str(out), "--model", str(directory / "model"), "--influence", str(directory / "influence"),
-          "--documents", str(documents), "--queries", str(queries), "--methods", "ours", "bm25", "grad_dot", "random"])
+          "--documents", str(documents), "--queries", str(queries)])
     report = json.loads((out / "fact_tracing.json").read_text())
     metrics = report["metrics"]
-    assert set(metrics) == {"ours", "bm25", "grad_dot", "random"}
+    # p = 16,384 > --influence-max-dim: exact influence is left out by default, and the report says why
+    assert set(metrics) == {"ours", "bm25", "grad_dot", "random"} and "16384" in report["skipped"]["influence"]
     assert metrics["ours"]["verbatim"]["recall@1"] >= 0.8 and metrics["ours"]["verbatim"]["source_accuracy"] >= 0.8
     assert metrics["ours"]["all"]["mrr"] > metrics["random"]["all"]["mrr"]
     assert metrics["ours"]["all"]["n_queries"] == 2 * len(fact_model["corpus"]["questions"])
@@ -185,3 +189,15 @@ def test_source_readout_equals_summed_document_scores(fact_model):
     result = evaluate_fact_tracing(fact_model["model"], fact_model["tokenizer"], fact_model["artifact"], data, methods=["ours"])
     summed = source_scores_from_documents(result.scores["ours"], fact_model["artifact"].documents.sources, result.source_names)
     np.testing.assert_allclose(result.source_scores["ours"], summed, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_built_in_defaults(tmp_path):
+    """The whole default run: builds the evaluation fact model, then evaluates (minutes)."""
+    from hf_fwdattr.cli import main
+
+    main(["evaluate", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "fact_tracing.json").read_text())
+    assert (tmp_path / "data" / "queries.jsonl").is_file() and (tmp_path / "token_attribution.png").is_file()
+    ours, grad_dot = report["metrics"]["ours"], report["metrics"]["grad_dot"]
+    assert ours["verbatim"]["mrr"] >= 0.8 and ours["all"]["mrr"] >= grad_dot["all"]["mrr"]
