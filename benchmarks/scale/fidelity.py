@@ -4,8 +4,9 @@ On the first `n_documents` documents of one corpus size: the linearized solver (
 u ← u − η[(H_k + λI)u + g_b] with GGN–vector products on the minibatch sequence, batch 32, drawn from all N
 training documents) is the reference; the closed form with the EK-FAC eigenbasis estimated on
 `curvature_examples` ∈ CURVATURE_SUBSETS, all at the same K, λ and η (η from the linearized solver's power
-iteration, so that the reference is stable), is compared with it on the test queries. Also shown: the rows
-of the artifact itself (closed form, its own η from the EK-FAC h_max) and −gradients (no curvature).
+iteration, so that the reference is stable), is compared with it on the test queries. Also shown: the same
+linearized recursion on another minibatch sequence (how far the reference is from itself), the rows of the
+artifact itself (closed form, its own η from the EK-FAC h_max) and −gradients (no curvature).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def closed_form_fidelity(model, documents, examples: list[dict], artifact: Influ
         out["linearized_seconds"] = time.perf_counter() - start
         out["linearized_seconds_per_document"] = out["linearized_seconds"] / n_documents
         reference_scores = gradients @ reference.responses.to(torch.float64).T
+        # the reference's own noise: the same recursion on another minibatch sequence (seed 1)
+        other = simulate_responses(subspace, TASK, documents, examples, AttributionConfig(**{**linearized.to_dict(), "seed": 1}),
+                                   document_indices=rows, step_size=step_size)
+        out["rows"]["linearized, another minibatch sequence (seed 1)"] = _correlations(reference_scores, gradients @ other.responses.to(torch.float64).T)
         # −g_b: the response after one step (u⁽¹⁾ = −η g_b), i.e. no curvature at all — the floor
         out["rows"]["−gradient (no curvature)"] = _correlations(reference_scores, -(gradients @ reference.gradients.to(torch.float64).T))
         for count in CURVATURE_SUBSETS:

@@ -4,13 +4,15 @@
 
 Baseline: RSS after the imports, the model and a warm-up readout of the same kind on random directions — before
 the artifact is opened; the kernel's peak mark (VmHWM) is reset there. Reported: the peak RSS from then on and
-peak − baseline, i.e. what loading the artifact, binding it and scoring the queries added.
+peak − baseline, i.e. what loading the artifact, binding it and scoring the queries added — and, sampled every
+5 ms, how much of it was anonymous memory and how much pages of the memory-mapped shards (RssAnon / RssFile).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 import torch
@@ -47,6 +49,17 @@ def measure(n: int, readout: str, n_queries: int) -> dict:
             ForwardReadout(subspace, TASK, "jvp").scores(queries, torch.randn(64, subspace.dim) * 1e-3)
     reset_peak()  # the peak is then that of what follows, not of the set-up
     baseline = rss_mib()
+    baseline_parts = {field: _status(field + ":") for field in ("RssAnon", "RssFile")}
+    peaks, done = dict(baseline_parts), threading.Event()
+
+    def poll() -> None:  # what the peak is made of: anonymous memory, or pages of the memory-mapped shards
+        while not done.is_set():
+            for field in peaks:
+                peaks[field] = max(peaks[field], _status(field + ":"))
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     start = time.perf_counter()
     artifact = InfluenceArtifact.from_pretrained(setting.size_dir(n) / "influence")
     scorer = ArtifactScorer(artifact, model, TASK, use_basis=readout == "compressed")
@@ -55,11 +68,15 @@ def measure(n: int, readout: str, n_queries: int) -> dict:
     elif readout == "source":
         scores = scorer.source_scores(queries)
     else:
-        scores = streamed_scores(query_gradients(scorer.subspace, TASK, queries), artifact)
+        scores = streamed_scores(query_gradients(scorer.subspace, TASK, queries), artifact, dtype=torch.float32)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM:")
+    done.set()
+    poller.join()
     return {"n": n, "readout": readout, "queries": n_queries, "baseline_mib": baseline, "peak_mib": peak,
-            "peak_above_baseline_mib": peak - baseline, "seconds": seconds, "scores_shape": list(scores.shape),
+            "peak_above_baseline_mib": peak - baseline, "seconds": seconds,
+            "anonymous_above_baseline_mib": peaks["RssAnon"] - baseline_parts["RssAnon"],
+            "file_backed_above_baseline_mib": peaks["RssFile"] - baseline_parts["RssFile"], "scores_shape": list(scores.shape),
             "threads": torch.get_num_threads()}
 
 

@@ -38,24 +38,26 @@ def closed_form_config(curvature_examples: int | None) -> AttributionConfig:
 def build_artifact(model, documents: DocumentSet, examples: list[dict], directory: Path, curvature_examples: int) -> dict:
     """Build the artifact (timed, the whole `build_influence_artifact` call) and time its EK-FAC estimate alone."""
     config = closed_form_config(curvature_examples)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     artifact = build_influence_artifact(model, TASK, documents, examples, directory, config, progress=False, max_shard_size="256MB")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     with AttributionSubspace.build(model) as subspace:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         estimate_eigenbasis(subspace, TASK, examples, config)
-        eigenbasis_seconds = time.perf_counter() - start
-    return {"simulation_seconds": seconds, "eigenbasis_seconds": eigenbasis_seconds, "curvature_examples": min(curvature_examples, len(examples)),
+        eigenbasis_seconds, eigenbasis_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return {"simulation_seconds": seconds, "simulation_cpu_seconds": cpu_seconds, "eigenbasis_seconds": eigenbasis_seconds,
+            "eigenbasis_cpu_seconds": eigenbasis_cpu_seconds, "curvature_examples": min(curvature_examples, len(examples)),
             "step_size": artifact.step_size, "top_eigenvalue": artifact.simulation.get("top_eigenvalue"), "dim": artifact.dim,
             "responses_mib": artifact.num_documents * artifact.dim * 4 / 2**20}
 
 
-def streamed_scores(gradients: torch.Tensor, artifact: InfluenceArtifact, chunk_rows: int = 4096) -> torch.Tensor:
-    """[Q, N] exact scores ∇f_qᵀu_b from query gradients, streaming the responses (float64)."""
-    out = torch.empty(len(gradients), artifact.num_documents, dtype=torch.float64)
-    row = 0
+def streamed_scores(gradients: torch.Tensor, artifact: InfluenceArtifact, chunk_rows: int = 4096, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[Q, N] exact scores ∇f_qᵀu_b from query gradients, streaming the responses, computed in `dtype`
+    (float64 for the fidelity figures; the gradient-based readout contender uses the stored float32)."""
+    out = torch.empty(len(gradients), artifact.num_documents, dtype=dtype)
+    gradients, row = gradients.to(dtype), 0
     for block in artifact.iter_responses(chunk_rows):
-        out[:, row : row + len(block)] = gradients.to(torch.float64) @ block.to(torch.float64).T
+        out[:, row : row + len(block)] = gradients @ block.to(dtype).T
         row += len(block)
     return out
 
@@ -78,11 +80,11 @@ def attach_basis(artifact: InfluenceArtifact, model, fidelity_queries: list, tes
     with AttributionSubspace.build(model) as subspace:
         fidelity_gradients = query_gradients(subspace, TASK, fidelity_queries, dtype=torch.float64)
         test_gradients = query_gradients(subspace, TASK, test_queries, dtype=torch.float64)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     directions, singular_values = randomized_basis(artifact.store, MAX_RANK)
     directions, singular_values = directions[:, :MAX_RANK], singular_values[:MAX_RANK]
     coefficients = project(artifact.store, directions)
-    svd_seconds = time.perf_counter() - start
+    svd_seconds, svd_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     exact_fidelity = streamed_scores(fidelity_gradients, artifact)
     exact_ranks = _ranks(exact_fidelity)
@@ -114,7 +116,7 @@ def attach_basis(artifact: InfluenceArtifact, model, fidelity_queries: list, tes
                                        "readout_basis_pearson": float(_pearson_rows(exact_fidelity, on_fidelity[:, :chosen] @ coefficients[:, :chosen].T).mean()),
                                        "readout_basis_target": FIDELITY_TARGET, "readout_basis_heldout_queries": len(fidelity_queries)})
     artifact.save_pretrained(artifact.path)
-    figures = {"svd_seconds": svd_seconds, "rank_selection_seconds": select_seconds, "basis_seconds": svd_seconds + select_seconds,
+    figures = {"svd_seconds": svd_seconds, "svd_cpu_seconds": svd_cpu_seconds, "rank_selection_seconds": select_seconds, "basis_seconds": svd_seconds + select_seconds,
                "rank": chosen, "max_rank": top, "target": FIDELITY_TARGET, **{f"at_chosen_{k}": v for k, v in sweep[str(chosen)].items()},
                "sweep": sweep, "singular_values": singular_values.tolist()}
     return figures, exact_test
@@ -156,7 +158,7 @@ def readout_contenders(artifact: InfluenceArtifact, model, exact_rows: int) -> t
     subspace = exact_scorer.subspace
 
     def gradient_based(queries):  # one backward per query (batched), then dot products with every stored response
-        return streamed_scores(query_gradients(subspace, TASK, queries), artifact)
+        return streamed_scores(query_gradients(subspace, TASK, queries), artifact, dtype=torch.float32)
 
     contenders["gradient-based (backward + N dot products)"] = gradient_based
 
@@ -167,7 +169,7 @@ def readout_contenders(artifact: InfluenceArtifact, model, exact_rows: int) -> t
     return contenders, close
 
 
-def time_readouts(artifact: InfluenceArtifact, model, test_queries: list, singles: int = 5, batch: int = 16, exact_rows: int = 2048) -> dict:
+def time_readouts(artifact: InfluenceArtifact, model, test_queries: list, singles: int = 9, batch: int = 16, exact_rows: int = 2048) -> dict:
     """Per-query seconds of every readout: median over `singles` queries alone, and a batch of `batch` queries / batch.
     Contenders are interleaved query by query. Also: fidelity of the difference modes against the JVP."""
     n = artifact.num_documents
@@ -177,16 +179,19 @@ def time_readouts(artifact: InfluenceArtifact, model, test_queries: list, single
         for run in contenders.values():  # warm up kernels and page in the first shard
             run(test_queries[:1])
         alone = {name: [] for name in contenders}
+        alone_cpu = {name: [] for name in contenders}
         for q in test_queries[:singles]:
             for name, run in contenders.items():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 run([q])
                 alone[name].append(time.perf_counter() - start)
-        batched, scores = {}, {}
+                alone_cpu[name].append(time.process_time() - cpu)
+        batched, batched_cpu, scores = {}, {}, {}
         for name, run in contenders.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             scores[name] = run(test_queries[:batch])
             batched[name] = (time.perf_counter() - start) / batch
+            batched_cpu[name] = (time.process_time() - cpu) / batch
     finally:
         close()
     scale = n / exact_rows
@@ -194,6 +199,7 @@ def time_readouts(artifact: InfluenceArtifact, model, test_queries: list, single
     for name in contenders:
         factor = scale if name.startswith("exact") else 1.0
         out[name] = {"alone_seconds": statistics.median(alone[name]) * factor, "batched_seconds_per_query": batched[name] * factor,
+                     "alone_cpu_seconds": statistics.median(alone_cpu[name]) * factor, "batched_cpu_seconds_per_query": batched_cpu[name] * factor,
                      "extrapolated_from_rows": exact_rows if factor != 1.0 else None}
     modes = {}
     for kind in ("compressed", "source"):

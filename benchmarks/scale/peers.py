@@ -90,9 +90,9 @@ def kronfluence_peer(model, examples: list[dict], curvature_indices: list[int], 
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=TASK.collate))
     curvature = _ListDataset([examples[i] for i in curvature_indices])
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     analyzer.fit_all_factors("ekfac", dataset=curvature, per_device_batch_size=32, factor_args=FactorArguments(strategy="ekfac"))
-    precompute = time.perf_counter() - start
+    precompute, precompute_cpu = time.perf_counter() - start, time.process_time() - cpu
     score_args = ScoreArguments(damping_factor=damping)
 
     def scores(name: str, query_examples: list[dict], rows: int) -> tuple[torch.Tensor, float]:
@@ -105,7 +105,7 @@ def kronfluence_peer(model, examples: list[dict], curvature_indices: list[int], 
 
     batch_scores, batch_seconds = scores("batch", queries[:16], train_rows)
     single_seconds = [scores(f"single{i}", queries[i : i + 1], single_rows)[1] for i in range(2)]
-    return {"precompute_seconds": precompute, "batch_seconds": batch_seconds, "batch_rows": train_rows, "batch_queries": 16,
+    return {"precompute_seconds": precompute, "precompute_cpu_seconds": precompute_cpu, "batch_seconds": batch_seconds, "batch_rows": train_rows, "batch_queries": 16,
             "single_seconds": min(single_seconds), "single_rows": single_rows, "scores": batch_scores}
 
 
@@ -133,10 +133,10 @@ def bergson_peer(model, examples: list[dict], queries: list[dict], output_dir: P
     data = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "row": list(range(len(examples)))})
     batches = [list(range(lo, min(lo + 32, len(examples)))) for lo in range(0, len(examples), 32)]
     cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     processor.save(cfg.partial_run_path)
     collect_gradients(peer, data, processor, cfg, batches=batches, target_modules=targets)
-    precompute = time.perf_counter() - start
+    precompute, precompute_cpu = time.perf_counter() - start, time.process_time() - cpu
     index_path = cfg.partial_run_path
     start = time.perf_counter()
     attributor = Attributor(index_path, device="cpu", unit_norm=False)
@@ -158,6 +158,6 @@ def bergson_peer(model, examples: list[dict], queries: list[dict], output_dir: P
     trace(queries[:1])  # warm-up
     single = [trace(queries[i : i + 1]) for i in range(5)]
     batch_scores, batch_seconds = trace(queries[:16])
-    return {"precompute_seconds": precompute, "load_seconds": load_seconds, "single_seconds": sorted(t for _, t in single)[2],
+    return {"precompute_seconds": precompute, "precompute_cpu_seconds": precompute_cpu, "load_seconds": load_seconds, "single_seconds": sorted(t for _, t in single)[2],
             "single_queries": 5, "batch_seconds": batch_seconds, "batch_queries": 16, "scores": batch_scores,
             "single_scores": torch.cat([s for s, _ in single])}

@@ -51,22 +51,28 @@ def tables(per_size: dict, meta: dict) -> str:
     add = lines.append
     add("**Simulation against one training epoch** (closed form: EK-FAC eigenbasis on "
         f"{meta['curvature_examples']:,} examples, then per-document gradients through the filter, shards written; the whole "
-        "`build_influence_artifact` call). Epoch: AdamW over the N documents, batch 32, a plain PyTorch loop.\n")
-    add("| N | epoch (s) | closed-form simulation (s) | of which EK-FAC estimate (s) | simulation / epoch | compressed basis (s) | basis / epoch | responses on disk (MiB) |")
-    add("|---|---|---|---|---|---|---|---|")
+        "`build_influence_artifact` call). Epoch: AdamW over the N documents, batch 32, a plain PyTorch loop. The ratio in CPU "
+        "time (process time, one thread) is the one to read: other jobs shared the two cores, which inflates wall times unevenly.\n")
+    add("| N | epoch (s) | closed-form simulation (s) | of which EK-FAC estimate (s) | simulation / epoch, wall | simulation / epoch, CPU | "
+        "compressed basis: SVD + projection (s) | basis / epoch (CPU) | responses on disk (MiB) |")
+    add("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         d = per_size[n]
-        epoch, sim, basis = d["epoch"]["epoch_seconds"], d["simulation"], d["basis"]
-        add(f"| {_n(n)} | {epoch:.1f} | {sim['simulation_seconds']:.1f} | {sim['eigenbasis_seconds']:.1f} | **{sim['simulation_seconds'] / epoch:.2f}×** | "
-            f"{basis['basis_seconds']:.1f} | {basis['basis_seconds'] / epoch:.2f}× | {sim['responses_mib']:,.0f} |")
+        epoch, sim, basis = d["epoch"], d["simulation"], d["basis"]
+        cpu_ratio = sim["simulation_cpu_seconds"] / epoch["epoch_cpu_seconds"] if "epoch_cpu_seconds" in epoch else float("nan")
+        basis_ratio = basis["svd_cpu_seconds"] / epoch["epoch_cpu_seconds"] if "epoch_cpu_seconds" in epoch else float("nan")
+        add(f"| {_n(n)} | {epoch['epoch_seconds']:.1f} | {sim['simulation_seconds']:.1f} | {sim['eigenbasis_seconds']:.1f} | "
+            f"{sim['simulation_seconds'] / epoch['epoch_seconds']:.2f}× | **{cpu_ratio:.2f}×** | "
+            f"{basis['svd_seconds']:.1f} | {basis_ratio:.2f}× | {sim['responses_mib']:,.0f} |")
     add("")
-    add("**Per-query readout time (ms)**, one query alone (median of 5) / amortised over a batch of 16; contenders interleaved "
-        "query by query in one process.\n")
-    header = "| readout | " + " | ".join(f"N = {_n(n)}" for n in sizes) + f" | growth {_n(first)} → {_n(last)} (alone) |"
+    add("**Per-query readout time (ms, wall)**, one query alone (median of 9) / amortised over a batch of 16; contenders interleaved "
+        "query by query in one process. The growth columns also give the ratio in CPU time, which other jobs on the machine disturb less.\n")
+    header = "| readout | " + " | ".join(f"N = {_n(n)}" for n in sizes) + f" | growth {_n(first)} → {_n(last)}, alone: wall / CPU | batch of 16: wall / CPU |"
     add(header)
-    add("|---" * (len(sizes) + 2) + "|")
+    add("|---" * (len(sizes) + 3) + "|")
     for key, label in READOUTS:
         cells, alone = [], []
+        rows = [per_size[n]["readouts"]["per_query"].get(key) for n in sizes]
         for n in sizes:
             r = per_size[n]["readouts"]["per_query"].get(key)
             if r is None:
@@ -80,15 +86,20 @@ def tables(per_size: dict, meta: dict) -> str:
                 extra = f" (k = {per_size[n]['readouts']['fixed_rank']})"
             cells.append(f"{_ms(r['alone_seconds'])} / {_ms(r['batched_seconds_per_query'])}{extra}")
             alone.append(r["alone_seconds"])
-        growth = f"{alone[-1] / alone[0]:.2f}×" if alone[0] and alone[-1] else "–"
+        growth = "–"
+        if rows[0] and rows[-1]:
+            ratio = lambda field: rows[-1][field] / rows[0][field] if field in rows[0] else float("nan")  # noqa: E731
+            growth = (f"{ratio('alone_seconds'):.2f}× / {ratio('alone_cpu_seconds'):.2f}× | "
+                      f"{ratio('batched_seconds_per_query'):.2f}× / {ratio('batched_cpu_seconds_per_query'):.2f}×")
         add(f"| {label} | " + " | ".join(cells) + f" | {growth} |")
     for label in sorted({label for n in sizes for label in peer_times(per_size[n])}):
-        cells, alone = [], []
+        cells, alone, amortised = [], [], []
         for n in sizes:
             times = peer_times(per_size[n]).get(label)
             cells.append(f"{_ms(times[0])} / {_ms(times[1])}" if times else per_size[n].get("kronfluence" if "Kron" in label else "bergson", {}).get("error", "–"))
             alone.append(times[0] if times else None)
-        growth = f"{alone[-1] / alone[0]:.2f}×" if alone[0] and alone[-1] else "–"
+            amortised.append(times[1] if times else None)
+        growth = f"{alone[-1] / alone[0]:.2f}× / – | {amortised[-1] / amortised[0]:.2f}× / –" if alone[0] and alone[-1] else "– | –"
         add(f"| {label} | " + " | ".join(cells) + f" | {growth} |")
     add("")
     add(f"† timed on the first {meta.get('exact_rows', 2048):,} responses (all of them when N is smaller) and scaled by N / {meta.get('exact_rows', 2048):,}: "
@@ -96,7 +107,8 @@ def tables(per_size: dict, meta: dict) -> str:
     add("‡ Kronfluence's scores recompute every document's gradient per query batch; beyond "
         "10,000 documents its pass was timed on the first 10,000 and scaled by N / 10,000.\n")
     add("**Peak RSS above baseline (MiB)** of each readout in a fresh process (baseline: after imports, model and a warm-up "
-        "readout, before the artifact is opened; then load + bind + score). 16 queries; exact streamed: 1 query.\n")
+        "readout, before the artifact is opened; then load + bind + score), as total / anonymous memory / pages of the "
+        "memory-mapped shards (the last two sampled every 5 ms). 16 queries; exact streamed: 1 query.\n")
     add("| readout | " + " | ".join(f"N = {_n(n)}" for n in sizes) + " |")
     add("|---" * (len(sizes) + 1) + "|")
     for readout, label in (("compressed", "compressed (basis loaded: V and C = N × k)"), ("source", "source (10 summed responses)"),
@@ -104,7 +116,8 @@ def tables(per_size: dict, meta: dict) -> str:
         cells = []
         for n in sizes:
             m = per_size[n]["memory"].get(readout, {})
-            cells.append(m.get("error", f"{m['peak_above_baseline_mib']:.1f} (peak {m['peak_mib']:.0f}; {m['seconds']:.1f} s)") if m else "–")
+            cells.append(m.get("error", f"{m['peak_above_baseline_mib']:.0f} / {m.get('anonymous_above_baseline_mib', float('nan')):.0f} / "
+                                        f"{m.get('file_backed_above_baseline_mib', float('nan')):.0f} ({m['seconds']:.1f} s)") if m else "–")
         add(f"| {label} | " + " | ".join(cells) + " |")
     add("")
     add("**Compressed basis fidelity** (rank chosen on 32 fidelity queries, figures on 32 other test queries; exact = every response).\n")
@@ -129,11 +142,11 @@ def tables(per_size: dict, meta: dict) -> str:
     add("")
     add("**Peers** on the same model and documents (scores against ours: mean over 16 test queries of the per-query correlation "
         "across documents, ours = exact scores of the stored responses).\n")
-    add("| N | peer | precompute (s) | precompute / epoch | per query alone (ms) | per query, batch of 16 (ms) | Spearman with ours | Pearson with ours |")
+    add("| N | peer | precompute (s) | precompute / epoch (CPU) | per query alone (ms) | per query, batch of 16 (ms) | Spearman with ours | Pearson with ours |")
     add("|---|---|---|---|---|---|---|---|")
     for n in sizes:
         d = per_size[n]
-        epoch = d["epoch"]["epoch_seconds"]
+        epoch = d["epoch"].get("epoch_cpu_seconds", d["epoch"]["epoch_seconds"])
         for name, key in (("Kronfluence (EK-FAC, λ = 1e-3)", "kronfluence"), ("Bergson (gradient dot product)", "bergson")):
             v = d.get(key)
             if not v:
@@ -142,7 +155,7 @@ def tables(per_size: dict, meta: dict) -> str:
                 add(f"| {_n(n)} | {name} | did not run: `{v['error']}` | | | | | |")
                 continue
             scale = v.get("scale_to_n", 1.0)
-            add(f"| {_n(n)} | {name} | {v['precompute_seconds']:.1f} | {v['precompute_seconds'] / epoch:.2f}× | {_ms(v['single_seconds'] * scale)} | "
+            add(f"| {_n(n)} | {name} | {v['precompute_seconds']:.1f} | {v.get('precompute_cpu_seconds', v['precompute_seconds']) / epoch:.2f}× | {_ms(v['single_seconds'] * scale)} | "
                 f"{_ms(v['batch_seconds'] * scale / v['batch_queries'])} | {v['vs_ours_exact']['spearman']:.3f} | {v['vs_ours_exact']['pearson']:.3f} |")
     fid = next((per_size[n]["fidelity"] for n in sizes if "fidelity" in per_size[n]), None)
     if fid:

@@ -53,9 +53,10 @@ class Results:
         if name not in self.data:
             log(f"  {name} …")
             before = load_avg()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             value = compute()
             value["step_wall_seconds"] = time.perf_counter() - start
+            value["step_cpu_seconds"] = time.process_time() - cpu
             value["load_average_before_after"] = [before, load_avg()]
             self.data[name] = value
             self.path.write_text(json.dumps(self.data, indent=1, default=float))
@@ -93,7 +94,7 @@ def run_size(n: int, fidelity_size: int, tok) -> dict:
     def train():
         shutil.rmtree(directory / "adapter", ignore_errors=True)
         trained["model"], seconds = setting.model(n, examples, tok)
-        return {"epoch_seconds": seconds, "steps": -(-n // 32), "documents": n,
+        return {**seconds, "steps": -(-n // 32), "documents": n,
                 "tokens": sum(len(e["input_ids"]) for e in examples)}
 
     results.step("epoch", train)
