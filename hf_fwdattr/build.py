@@ -167,7 +167,7 @@ def build_influence_artifact(
                 base_model=base_model or _base_model(model),
                 simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start, "processes": processes.world},
             )
-            if config.readout_basis_rank > 0:
+            if config.readout_basis_rank_for(len(table)) > 0:
                 attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
             artifact.save_pretrained(output_dir)
             artifact.path = output_dir
@@ -187,7 +187,9 @@ def attach_readout_basis(artifact: InfluenceArtifact, subspace: AttributionSubsp
     """Build the compressed readout basis of `artifact` (rank and fidelity from its config) and record its fidelity."""
     config = artifact.config
     gradients = query_gradients(subspace, task, list(queries), dtype=torch.float64).cpu()  # the stored rows are on the CPU
-    basis, figures = build_readout_basis(artifact.store, gradients, config.readout_basis_rank, config.readout_basis_fidelity, config.seed)
+    # asked for explicitly on an artifact whose config says no basis: full rank, the fidelity target picks k
+    max_rank = max(1, min(config.readout_basis_rank_for(artifact.num_documents) or artifact.num_documents, artifact.num_documents, artifact.dim))
+    basis, figures = build_readout_basis(artifact.store, gradients, max_rank, config.readout_basis_fidelity, config.seed)
     artifact.set_readout_basis(basis, figures)
     logger.info("Compressed readout basis: rank %d, Spearman %.4f against exact scores on %d held-out queries.",
                 figures["readout_basis_rank"], figures["readout_basis_spearman"], figures["readout_basis_heldout_queries"])

@@ -61,6 +61,14 @@ class ReadoutMode(str, Enum):
     """The exact directional derivative by forward-mode AD (torch.func.jvp), vmapped."""
 
 
+DEFAULT_HORIZONS = {"closed_form": 3000, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100}
+"""K when `horizon` is None. The closed form costs the same at any K, and on the language-model evaluation every
+metric rose with K up to 3000 (benchmarks/RESULTS.md, issue 9); the iterative solvers cost K curvature products."""
+AUTO_BASIS_RANK = 1024
+AUTO_BASIS_MIN_DOCUMENTS = 10_000
+"""readout_basis_rank='auto' builds a basis of rank <= AUTO_BASIS_RANK from this many documents on: there the exact
+readout (N directions) costs 18x the compressed one per query, at Spearman >= 0.99 (benchmarks/RESULTS.md, issue 8)."""
+
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,8 +122,17 @@ class AttributionConfig:
         default=1.0,
         metadata={"help": "With step_size='auto', η(h_max + λ + weight_decay) equals this; must lie in (0, 2)."},
     )
-    horizon: int = field(default=100, metadata={"help": "K, the number of simulated steps (K → ∞ gives damped influence)."})
-    solver: Solver = field(default=Solver.LINEARIZED, metadata={"help": "linearized | two_trajectory | single_trajectory."})
+    horizon: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "K, the number of simulated steps (K → ∞ gives damped influence); None: 3000 for closed_form "
+            "(any K costs the same there), 100 for the iterative solvers (their cost grows with K)."
+        },
+    )
+    solver: Solver = field(
+        default=Solver.CLOSED_FORM,
+        metadata={"help": "closed_form | linearized | two_trajectory | single_trajectory (see `Solver`; closed_form is the one that scales)."},
+    )
     curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized solver)."})
     batch_size: int = field(
         default=32,
@@ -132,14 +149,20 @@ class AttributionConfig:
         },
     )
     eigenbasis: Eigenbasis = field(default=Eigenbasis.AUTO, metadata={"help": "closed_form solver: auto | explicit | kronecker."})
-    explicit_max_dim: int = field(default=4096, metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension."})
+    explicit_max_dim: int = field(
+        default=1024,
+        metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension (it costs that many curvature products per batch)."},
+    )
     curvature_examples: Optional[int] = field(
         default=None,
         metadata={"help": "closed_form solver: training examples the curvature is estimated on (a seeded random subset); None uses all."},
     )
-    readout_basis_rank: int = field(
-        default=0,
-        metadata={"help": "Largest rank k of the compressed readout basis U ≈ C Vᵀ (0: no basis, exact readout only)."},
+    readout_basis_rank: Union[int, str] = field(
+        default="auto",
+        metadata={
+            "help": "Largest rank k of the compressed readout basis U ≈ C Vᵀ (0: no basis, exact readout only); 'auto': "
+            f"{AUTO_BASIS_RANK} for artifacts of at least {AUTO_BASIS_MIN_DOCUMENTS:,} documents, none below."
+        },
     )
     readout_basis_fidelity: float = field(
         default=0.99,
@@ -162,6 +185,8 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         self.solver = _enum_value(Solver, self.solver, "solver")
+        if self.horizon is None:
+            self.horizon = DEFAULT_HORIZONS[self.solver.value]
         self.curvature = _enum_value(Curvature, self.curvature, "curvature")
         self.readout = _enum_value(ReadoutMode, self.readout, "readout")
         self.eigenbasis = _enum_value(Eigenbasis, self.eigenbasis, "eigenbasis")
@@ -201,8 +226,9 @@ class AttributionConfig:
             positive_int(name)
         if self.curvature_examples is not None:
             positive_int("curvature_examples")
-        if isinstance(self.readout_basis_rank, bool) or not isinstance(self.readout_basis_rank, int) or self.readout_basis_rank < 0:
-            fail(f"`readout_basis_rank` must be an integer >= 0 (0 turns the compressed basis off), got {self.readout_basis_rank!r}.")
+        rank = self.readout_basis_rank
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            fail(f"`readout_basis_rank` must be an integer >= 0 (0 turns the compressed basis off) or 'auto', got {rank!r}.")
         if not 0 < finite_number("readout_basis_fidelity") <= 1:
             fail(f"`readout_basis_fidelity` must lie in (0, 1], got {self.readout_basis_fidelity!r}.")
         if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.KRONECKER and self.curvature is Curvature.HESSIAN:
@@ -230,6 +256,12 @@ class AttributionConfig:
     def curvature_shift(self) -> float:
         """What the recursion adds to the loss curvature: damping + weight_decay."""
         return float(self.damping) + float(self.weight_decay)
+
+    def readout_basis_rank_for(self, num_documents: int) -> int:
+        """The largest basis rank to build for an artifact of `num_documents` documents (0: none)."""
+        if self.readout_basis_rank != "auto":
+            return int(self.readout_basis_rank)
+        return AUTO_BASIS_RANK if num_documents >= AUTO_BASIS_MIN_DOCUMENTS else 0
 
     @property
     def automatic_step_size(self) -> bool:

@@ -56,7 +56,7 @@ def classifier_demo(output_dir: str | Path | None = None, seed: int = 0, top_k: 
     queries = [(test_x[i], test_y[i]) for i in range(len(test_y))]
     documents = DocumentSet.from_examples(train, document_ids=[f"train-{i}" for i in range(len(train))])
     subspace = AttributionSubspace.build(model, "trainable")
-    config = AttributionConfig(damping=1e-2, horizon=50, batch_size=32)
+    config = AttributionConfig(damping=1e-2, batch_size=32)
     result = simulate_responses(subspace, task, documents, train, config, progress=True)
     scores = ForwardReadout.from_config(subspace, task, config).scores(queries, result.responses)
     print(f"Simulated {len(documents)} responses (K={config.horizon}, η={result.step_size:.3g}) in {result.seconds:.1f}s; "
@@ -124,7 +124,7 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
     train = Dataset.from_list([{"document_id": d["document_id"], "source": d["source"], "input_ids": encode(d["text"])} for d in documents])
     callback = ForwardAttributionCallback(
         document_column="document_id", source_column="source",
-        config=config or AttributionConfig(damping=1e-3, horizon=30, batch_size=16, readout="jvp"),
+        config=config or AttributionConfig(damping=1e-3, batch_size=16),  # closed form, K = 3000, JVP readout
     )
     trainer = Trainer(
         model=model, args=_training_arguments(output_dir, finetune_epochs, 1e-2, 8, seed, remove_unused_columns=False),

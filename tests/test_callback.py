@@ -137,16 +137,17 @@ def test_chunked_document_response_is_the_sum_of_its_chunks(base_dir):
 
 
 @pytest.mark.distributed
-def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path):
+@pytest.mark.parametrize("solver", ["closed_form", "linearized"])
+def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solver):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "distributed_finetune.py"), str(base_dir), str(out)],
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "distributed_finetune.py"), str(base_dir), str(out), solver],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "processes 2" in run.stdout
     two = InfluenceArtifact.from_pretrained(out / "influence")
-    assert two.simulation["processes"] == 2 and len(list((out / "influence").glob("responses-*.safetensors"))) >= 2
+    assert two.config.solver.value == solver and two.simulation["processes"] == 2 and len(list((out / "influence").glob("responses-*.safetensors"))) >= 2
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")
@@ -157,7 +158,8 @@ def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path):
                                    tmp_path / "one", two.config, progress=False)
     assert one.model_fingerprint == two.model_fingerprint and one.subspace_fingerprint == two.subspace_fingerprint
     assert one.step_size == pytest.approx(two.step_size, rel=1e-6)
-    torch.testing.assert_close(one.responses(), two.responses(), rtol=1e-5, atol=1e-7)
+    # each process estimates the eigenbasis itself, with its own thread count: float32 rounding differs slightly
+    torch.testing.assert_close(one.responses(), two.responses(), rtol=1e-4, atol=1e-6)
 
 
 def _trainer(model, dataset, tokenizer, callback, output_dir):

@@ -76,3 +76,22 @@ def test_unknown_keys_warn_and_load(caplog):
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(AttributionConfigError, match=field):
         AttributionConfig(**kwargs)
+
+
+def test_horizon_defaults_per_solver_and_round_trips():
+    assert AttributionConfig().solver is Solver.CLOSED_FORM and AttributionConfig().horizon == 3000
+    assert AttributionConfig(solver="linearized").horizon == 100
+    assert AttributionConfig(solver="linearized", horizon=7).horizon == 7
+    restored = AttributionConfig.from_dict(AttributionConfig(solver="two_trajectory").to_dict())
+    assert restored.horizon == 100 and restored.solver is Solver.TWO_TRAJECTORY
+
+
+def test_readout_basis_rank_auto_depends_on_the_number_of_documents():
+    config = AttributionConfig()
+    assert config.readout_basis_rank == "auto"
+    assert config.readout_basis_rank_for(9_999) == 0 and config.readout_basis_rank_for(10_000) == 1024
+    assert AttributionConfig(readout_basis_rank=16).readout_basis_rank_for(5) == 16
+    assert AttributionConfig.from_json_string(config.to_json_string()).readout_basis_rank == "auto"
+    for bad in ("big", -1, True, 2.5):
+        with pytest.raises(AttributionConfigError, match="`readout_basis_rank`"):
+            AttributionConfig(readout_basis_rank=bad)

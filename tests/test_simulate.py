@@ -58,7 +58,7 @@ def test_one_step_is_minus_eta_gradient(mlp_classifier, classification_task):
     model, examples = mlp_classifier
     subspace = AttributionSubspace.build(model, "trainable")
     documents = DocumentSet.from_examples(examples[:6])
-    config = AttributionConfig(horizon=1, step_size=0.3, dtype="float64", batch_size=8)
+    config = AttributionConfig(solver="linearized", horizon=1, step_size=0.3, dtype="float64", batch_size=8)
     result = simulate_responses(subspace, classification_task, documents, examples, config)
     gradients = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
         nn.functional.cross_entropy(model(x[None]), y[None]), list(model.parameters()))]) for x, y in examples[:6]])
@@ -72,7 +72,7 @@ def test_long_horizon_converges_to_damped_influence(classifier, classification_t
     explicit = _explicit_curvature(model, subspace, examples, kind)
     damping = 0.05 * float(torch.linalg.eigvalsh(explicit).max())
     documents = DocumentSet.from_examples(examples[:8])
-    config = AttributionConfig(damping=damping, horizon=600, batch_size=len(examples), curvature=kind, dtype="float64")
+    config = AttributionConfig(solver="linearized", damping=damping, horizon=600, batch_size=len(examples), curvature=kind, dtype="float64")
     result = simulate_responses(subspace, classification_task, documents, examples, config)
     expected = -torch.linalg.solve(explicit + damping * torch.eye(subspace.dim, dtype=torch.float64), result.gradients.T).T
     torch.testing.assert_close(result.responses, expected, rtol=1e-7, atol=1e-9)
@@ -92,7 +92,7 @@ def test_trajectories_match_hessian_recursion_at_a_stationary_point(softmax_regr
     subspace = AttributionSubspace.build(model, "trainable")
     documents = DocumentSet.from_examples(examples[:5])
     common = dict(damping=0.02, horizon=60, batch_size=len(examples), curvature="hessian", dtype="float64", trajectory_epsilon=1e-5)
-    reference = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(**common))
+    reference = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver="linearized", **common))
     result = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver=solver, **common), step_size=reference.step_size)
     torch.testing.assert_close(result.responses, reference.responses, rtol=1e-4, atol=1e-6)
 
@@ -103,7 +103,7 @@ def test_two_trajectory_tracks_the_minibatch_recursion(softmax_regression, class
     subspace = AttributionSubspace.build(model, "trainable")
     documents = DocumentSet.from_examples(examples[:5])
     common = dict(damping=0.02, horizon=40, batch_size=10, curvature="hessian", dtype="float64", trajectory_epsilon=1e-6, step_size=0.2)
-    reference = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(**common)).responses
+    reference = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver="linearized", **common)).responses
     two = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver="two_trajectory", **common)).responses
     assert (two - reference).norm() / reference.norm() < 0.05
     # the unperturbed drift, divided by the tiny up-weight, swamps the single-trajectory estimate
@@ -121,7 +121,7 @@ def test_lm_recursion_matches_explicit_solve(lm_task):
         explicit = operator.matvec(torch.eye(subspace.dim)).double()
         explicit = (explicit + explicit.T) / 2
         damping = 0.1 * float(torch.linalg.eigvalsh(explicit).max())
-        config = AttributionConfig(damping=damping, horizon=200, batch_size=len(train))
+        config = AttributionConfig(solver="linearized", damping=damping, horizon=200, batch_size=len(train))
         result = simulate_responses(subspace, lm_task, documents, train, config)
         expected = -torch.linalg.solve(explicit + damping * torch.eye(subspace.dim, dtype=torch.float64), result.gradients.double().T).T
         torch.testing.assert_close(result.responses.double(), expected, rtol=2e-3, atol=1e-5)
@@ -133,7 +133,7 @@ def test_divergent_step_size_stops_with_an_error(mlp_classifier, classification_
     documents = DocumentSet.from_examples(examples[:4])
     operator = CurvatureOperator(subspace, classification_task, classification_task.collate(examples), "ggn", torch.float64)
     too_large = 5.0 / top_eigenvalue(operator, 50)
-    config = AttributionConfig(step_size=too_large, horizon=200, batch_size=len(examples), dtype="float64")
+    config = AttributionConfig(solver="linearized", step_size=too_large, horizon=200, batch_size=len(examples), dtype="float64")
     with pytest.raises(SimulationDivergedError, match="step_size.*damping"):
         simulate_responses(subspace, classification_task, documents, examples, config)
     with pytest.raises(SimulationDivergedError):

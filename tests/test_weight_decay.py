@@ -52,7 +52,7 @@ def test_linearized_weight_decay_acts_as_damping(decayed_regression):
     model, examples = decayed_regression
     subspace = AttributionSubspace.build(model, "trainable")
     documents = DocumentSet.from_examples(examples[:6])
-    common = dict(horizon=30, batch_size=len(examples), curvature="hessian", dtype="float64")
+    common = dict(solver="linearized", horizon=30, batch_size=len(examples), curvature="hessian", dtype="float64")
     task = ClassificationTask()
     split = simulate_responses(subspace, task, documents, examples, AttributionConfig(damping=0.01, weight_decay=WEIGHT_DECAY, **common))
     merged = simulate_responses(subspace, task, documents, examples, AttributionConfig(damping=0.01 + WEIGHT_DECAY, **common))
@@ -67,7 +67,7 @@ def test_trajectories_at_a_weight_decayed_optimum(decayed_regression):
     documents = DocumentSet.from_examples(examples[:5])
     task = ClassificationTask()
     common = dict(damping=0.0, weight_decay=WEIGHT_DECAY, horizon=40, batch_size=len(examples), curvature="hessian", dtype="float64", trajectory_epsilon=1e-6)
-    reference = simulate_responses(subspace, task, documents, examples, AttributionConfig(**common))
+    reference = simulate_responses(subspace, task, documents, examples, AttributionConfig(solver="linearized", **common))
     for solver in ("single_trajectory", "two_trajectory"):
         result = simulate_responses(subspace, task, documents, examples, AttributionConfig(solver=solver, **common), step_size=reference.step_size)
         torch.testing.assert_close(result.responses, reference.responses, rtol=1e-4, atol=1e-7)

@@ -1,7 +1,7 @@
 """LoRA fine-tune of the test base model with ForwardAttributionCallback; run under torchrun (2 CPU processes)
 or alone. Writes <output_dir>/influence and the adapter to <output_dir>/adapter.
 
-    torchrun --nproc_per_node 2 tests/scripts/distributed_finetune.py BASE_DIR OUTPUT_DIR
+    torchrun --nproc_per_node 2 tests/scripts/distributed_finetune.py BASE_DIR OUTPUT_DIR [SOLVER]
 """
 
 import sys
@@ -16,7 +16,7 @@ from hf_fwdattr import AttributionConfig, CausalLMTask, ForwardAttributionCallba
 from hf_fwdattr.toy import fact_corpus
 
 
-def main(base_dir: str, output_dir: str) -> None:
+def main(base_dir: str, output_dir: str, solver: str = "closed_form") -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
@@ -25,7 +25,7 @@ def main(base_dir: str, output_dir: str) -> None:
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
     callback = ForwardAttributionCallback(
         document_column="document_id", source_column="source", max_shard_size=2 * 4 * 2048,  # a few documents per shard
-        config=AttributionConfig(damping=1e-2, horizon=8, batch_size=4),
+        config=AttributionConfig(solver=solver, damping=1e-2, horizon=8, batch_size=4),
     )
     args = TrainingArguments(output_dir=output_dir, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=5e-3,
                              save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)
@@ -38,4 +38,4 @@ def main(base_dir: str, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
