@@ -1,6 +1,6 @@
 """Fine-tune a LoRA adapter with `ForwardAttributionCallback`, then attribute answers with the pipeline.
 
-    python examples/lora_callback_pipeline.py [OUTPUT_DIR]      # ~2 minutes on 2 CPU cores
+    python examples/lora_callback_pipeline.py [OUTPUT_DIR]      # ~15 s on 2 CPU cores
 
 The callback simulates every document's response when training ends and writes the influence artifact
 to ``OUTPUT_DIR/influence``; the ``attributed-text-generation`` pipeline then answers questions and names
