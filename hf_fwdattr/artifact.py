@@ -106,11 +106,13 @@ class DocumentTable:
         return list(dict.fromkeys(s for s in self.sources if s is not None))
 
     def to_jsonl(self) -> str:
+        """The table as JSON lines (`documents.jsonl`), one row per document in tensor-row order."""
         rows = zip(self.document_ids, self.sources, self.n_tokens, self.metadata)
         return "".join(json.dumps({"document_id": d, "source": s, "n_tokens": t, "metadata": m}, sort_keys=True) + "\n" for d, s, t, m in rows)
 
     @classmethod
     def from_jsonl(cls, text: str) -> "DocumentTable":
+        """Parse `to_jsonl` output; a malformed line is refused with its number, duplicate ids by the constructor."""
         ids, sources, tokens, metadata = [], [], [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
