@@ -220,6 +220,14 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     choice = config.eigenbasis
     if choice is Eigenbasis.AUTO:
         choice = Eigenbasis.EXPLICIT if subspace.dim <= config.explicit_max_dim else Eigenbasis.KRONECKER
+        if choice is Eigenbasis.KRONECKER and _linear_owners(subspace) is None:
+            raise TaskError(
+                f"The closed-form solver needs an eigenbasis: this subspace has {subspace.dim:,} coordinates, more than "
+                f"explicit_max_dim = {config.explicit_max_dim:,}, so eigenbasis='auto' chose 'kronecker' (EK-FAC), which needs "
+                "every subspace parameter to be the weight or bias of an nn.Linear (LoRA and projection adapters are). "
+                "Use a LoRA or projection subspace, solver='linearized', or raise explicit_max_dim (the explicit eigenbasis "
+                "costs one curvature product per coordinate and batch, and p² memory)."
+            )
     examples = _subset(train_examples, config.curvature_examples, config.seed)
     if choice is Eigenbasis.EXPLICIT:
         return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype, progress=progress)

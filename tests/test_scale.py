@@ -15,6 +15,7 @@ from hf_fwdattr import (
     ForwardReadout,
     InfluenceArtifact,
     SimulationDivergedError,
+    TaskError,
     build_influence_artifact,
     build_readout_basis,
     query_gradients,
@@ -47,6 +48,18 @@ def test_closed_form_refuses_negative_curvature_below_the_damping(mlp_classifier
     config = AttributionConfig(solver="closed_form", curvature="hessian", damping=abs(basis.min_eigenvalue) / 10, dtype="float64")
     with pytest.raises(SimulationDivergedError, match="below"):
         simulate_responses(subspace, classification_task, DocumentSet.from_examples(examples[:2]), examples, config, eigenbasis=basis)
+
+
+def test_automatic_eigenbasis_explains_a_subspace_it_cannot_factor(classification_task):
+    """Above explicit_max_dim 'auto' picks EK-FAC; a subspace with non-linear-layer parameters is refused with the ways out."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    examples = [(torch.randn(4), torch.tensor(i % 3)) for i in range(6)]
+    subspace = AttributionSubspace.build(model, "trainable")
+    config = AttributionConfig(explicit_max_dim=8)
+    with pytest.raises(TaskError, match="explicit_max_dim = 8.*solver='linearized'"):
+        simulate_responses(subspace, classification_task, DocumentSet.from_examples(examples[:2]), examples, config)
+    explicit = simulate_responses(subspace, classification_task, DocumentSet.from_examples(examples[:2]), examples, AttributionConfig())
+    assert explicit.responses.shape == (2, subspace.dim) and torch.isfinite(explicit.responses).all()
 
 
 def _exact_projection(layer, generalized_gauss_newton, dim):
