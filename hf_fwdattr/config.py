@@ -154,8 +154,11 @@ class AttributionConfig:
         metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension (it costs that many curvature products per batch)."},
     )
     curvature_examples: Optional[int] = field(
-        default=None,
-        metadata={"help": "closed_form solver: training examples the curvature is estimated on (a seeded random subset); None uses all."},
+        default=1024,
+        metadata={
+            "help": "closed_form solver: training examples the curvature is estimated on (a seeded random subset); None uses all. "
+            "1,024 keeps the estimate a fixed cost: 128 to 10,000 examples moved the scores' fidelity by 0.02 (benchmarks/RESULTS.md, issue 8)."
+        },
     )
     readout_basis_rank: Union[int, str] = field(
         default="auto",
