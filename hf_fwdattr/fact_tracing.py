@@ -43,7 +43,6 @@ from .task import IGNORE_INDEX, CausalLMTask
 logger = logging.getLogger(__name__)
 
 
-
 class Method(str, Enum):
     """The methods a fact-tracing evaluation compares."""
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from hf_fwdattr import AttributionConfig, AttributionConfigError, AttributionSubspace, ClassificationTask, DocumentSet, SimulationDivergedError, simulate_responses
 
-from conftest import noisy_classification
+from conftest import newton_polish, noisy_classification
 
 WEIGHT_DECAY = 0.05
 
@@ -16,24 +16,12 @@ def decayed_regression():
     """A softmax regression at an exact stationary point of mean cross-entropy + (wd/2)‖θ‖² (Newton-polished, float64)."""
     inputs, labels = noisy_classification(n=80, seed=3)
     model = nn.Linear(3, 3).double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def objective(flat):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        logits = torch.func.functional_call(model, params, (inputs,))
-        return nn.functional.cross_entropy(logits, labels) + 0.5 * WEIGHT_DECAY * (flat**2).sum()
-
-    flat = torch.zeros(sum(s.numel() for s in shapes), dtype=torch.float64)
-    for _ in range(30):
-        gradient = torch.autograd.functional.jacobian(objective, flat)
-        flat = flat - torch.linalg.solve(torch.autograd.functional.hessian(objective, flat), gradient)
-    assert torch.autograd.functional.jacobian(objective, flat).norm() < 1e-12
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        for param in model.parameters():
+            param.zero_()
+    newton_polish(model, inputs, labels, steps=30, weight_decay=WEIGHT_DECAY)
+    objective = nn.functional.cross_entropy(model(inputs), labels) + 0.5 * WEIGHT_DECAY * sum((p**2).sum() for p in model.parameters())
+    assert torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, list(model.parameters()))]).norm() < 1e-12
     return model.eval(), [(inputs[i], labels[i]) for i in range(len(labels))]
 
 

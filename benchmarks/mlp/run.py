@@ -302,20 +302,17 @@ def measure_costs(setting, data, truth, model, train, test_queries, out, ours_sc
                                                              torch.ones(1, setting.n_train), [12345]))
     x_one, y_one = data.x_test[:1], data.y_test[:1]
     x_batch, y_batch = data.x_test[:n_batch], data.y_test[:n_batch]
-    latency = {
-        "ours (forward JVP readout, N directions)": lambda: readout.scores(one, responses),
-        f"ours (compressed forward readout, k={rank})": lambda: readout.scores(one, basis) @ coefficients.T,
-        "ours (backward readout)": lambda: backward_readout(one, responses),
-        "exact influence (backward readout)": lambda: backward_readout(one, exact_responses),
-        "grad-dot": lambda: backward_readout(one, -train_grads),
-    }
-    amortised = {
-        "ours (forward JVP readout, N directions)": lambda: readout.scores(batch, responses),
-        f"ours (compressed forward readout, k={rank})": lambda: readout.scores(batch, basis) @ coefficients.T,
-        "ours (backward readout)": lambda: backward_readout(batch, responses),
-        "exact influence (backward readout)": lambda: backward_readout(batch, exact_responses),
-        "grad-dot": lambda: backward_readout(batch, -train_grads),
-    }
+
+    def contenders(queries) -> dict:  # every method's readout of `queries`, as zero-argument callables
+        return {
+            "ours (forward JVP readout, N directions)": lambda: readout.scores(queries, responses),
+            f"ours (compressed forward readout, k={rank})": lambda: readout.scores(queries, basis) @ coefficients.T,
+            "ours (backward readout)": lambda: backward_readout(queries, responses),
+            "exact influence (backward readout)": lambda: backward_readout(queries, exact_responses),
+            "grad-dot": lambda: backward_readout(queries, -train_grads),
+        }
+
+    latency, amortised = contenders(one), contenders(batch)
     for count, runner in runners.items():
         latency[f"TRAK T={count}"] = lambda r=runner, c=count: r.scores(x_one, y_one, c)
         amortised[f"TRAK T={count}"] = lambda r=runner, c=count: r.scores(x_batch, y_batch, c)
