@@ -89,9 +89,10 @@ def _training_arguments(output_dir: Path, epochs: int, learning_rate: float, bat
 
 
 def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int = 40, finetune_epochs: int = 30,
-                     config: Optional[AttributionConfig] = None, corpus_kwargs: Optional[dict] = None) -> dict:
+                     config: Optional[AttributionConfig] = None, corpus_kwargs: Optional[dict] = None, hidden_size: int = 64) -> dict:
     """Build the demo's model and artifact in `output_dir`: ``model/`` (base, adapter, tokenizer) and ``influence/``.
 
+    The base is a 2-layer Llama `hidden_size` wide, pre-trained from scratch on the corpus's pretraining texts.
     Returns the corpus, tokenizer, the fine-tuned PEFT model and the artifact.
     """
     from datasets import Dataset
@@ -109,7 +110,7 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
     encode = lambda text: tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
 
     print(f"[1/3] Pre-training a tiny Llama from scratch on {len(corpus['pretraining'])} texts about other invented places…")
-    base = tiny_llama(len(tokenizer), hidden_size=64, layers=2, heads=4, seed=seed).train()
+    base = tiny_llama(len(tokenizer), hidden_size=hidden_size, layers=2, heads=4, seed=seed).train()
     pretraining = Dataset.from_list([{"input_ids": encode(t)} for t in corpus["pretraining"]])
     Trainer(model=base, args=_training_arguments(output_dir / "pretraining", pretrain_epochs, 3e-3, 16, seed),
             train_dataset=pretraining, data_collator=_collator(task)).train()

@@ -25,6 +25,7 @@ line. The tables are read by `fact_data.py`, the metrics are in `fact_metrics.py
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ METHOD_LABELS = {
 # document naming the fact's entity and answer without stating it), and pretraining that shows the paraphrased
 # question form on other entities, so that a paraphrased query asks the model something it can know.
 EVALUATION_CORPUS = {"co_mention_distractors": 48, "pretraining_paraphrases": 1.0, "pretraining_entities": 192}
+# The model it trains (`demo.train_fact_model`). A wider model on more pretraining entities answers more
+# paraphrases but does not attribute better overall (benchmarks/RESULTS.md, issue 9, Table 7).
+EVALUATION_MODEL = {"hidden_size": 64}
 
 
 # ---------------------------------------------------------------------- the evaluation
@@ -272,7 +276,6 @@ def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = Non
     has more than `influence_max_dim` dimensions (it needs up to p curvature–vector products: hours for the
     default model on a CPU); name it in `methods` to run it anyway.
     """
-    import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -308,18 +311,20 @@ def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = Non
 
 
 def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str, str, FactTracingSet]:
-    """The fact model on `EVALUATION_CORPUS` in `directory` (built with `demo.train_fact_model` unless one with the
-    same documents is there): its model folder, its artifact folder, and the fact-tracing set of its corpus."""
+    """The fact model on `EVALUATION_CORPUS` in `directory` (built with `demo.train_fact_model` and `EVALUATION_MODEL`
+    unless one built with the same recipe is there): its model folder, its artifact folder, and the fact-tracing set of its corpus."""
     from .artifact import InfluenceArtifact
     from .toy import fact_corpus
 
     directory = Path(directory)
     corpus = fact_corpus(seed=seed, **EVALUATION_CORPUS)
-    model_dir, influence_dir = directory / "model", directory / "influence"
+    model_dir, influence_dir, recipe_path = directory / "model", directory / "influence", directory / "recipe.json"
+    recipe = {"corpus": EVALUATION_CORPUS, "model": EVALUATION_MODEL, "seed": seed}
     reusable = False
-    if (model_dir / "config.json").is_file() and influence_dir.is_dir():
+    if (model_dir / "config.json").is_file() and influence_dir.is_dir() and recipe_path.is_file():
         try:
-            reusable = InfluenceArtifact.from_pretrained(influence_dir).documents.document_ids == [d["document_id"] for d in corpus["documents"]]
+            same_documents = InfluenceArtifact.from_pretrained(influence_dir).documents.document_ids == [d["document_id"] for d in corpus["documents"]]
+            reusable = same_documents and json.loads(recipe_path.read_text()) == recipe
         except Exception:  # an interrupted or foreign build: train again
             reusable = False
     if reusable:
@@ -327,7 +332,9 @@ def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str,
     else:
         from .demo import train_fact_model
 
-        train_fact_model(directory, seed=seed, corpus_kwargs=EVALUATION_CORPUS)
+        recipe_path.unlink(missing_ok=True)
+        train_fact_model(directory, seed=seed, corpus_kwargs=EVALUATION_CORPUS, **EVALUATION_MODEL)
+        recipe_path.write_text(json.dumps(recipe, sort_keys=True) + "\n", encoding="utf-8")
     return str(model_dir), str(influence_dir), FactTracingSet.from_corpus(corpus)
 
 

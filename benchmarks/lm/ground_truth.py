@@ -7,12 +7,14 @@ with `seeds` LoRA-initialisation / data-order seeds per subset (10 000 + …, no
 measurement is f_q = log p(answer | prompt) of every query, averaged over seeds. Two full-data
 retrainings per seed give the seed-to-seed spread for reference.
 
-Cached (resumable, one subset at a time) under ``benchmarks/lm/cache/<name>/``.
+Cached (resumable, one subset at a time) under ``benchmarks/lm/cache/<name>/``, keyed on the settings, the
+documents and the base model's weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -68,7 +70,8 @@ def generate(name: str, model_dir: Path, documents: list[dict], queries: list[di
     path, meta_path = directory / "ground_truth.safetensors", directory / "ground_truth.json"
     n = len(documents)
     settings = {"n_subsets": n_subsets, "seeds": seeds, "fraction": fraction, "seed": seed, "n_documents": n, "n_queries": len(queries),
-                "document_ids": [d["document_id"] for d in documents]}
+                "document_ids": [d["document_id"] for d in documents],
+                "base_sha256": hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()}
     if path.is_file() and json.loads(meta_path.read_text())["settings"] == settings:
         tensors = load_file(path)
         meta = json.loads(meta_path.read_text())
