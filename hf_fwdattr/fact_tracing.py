@@ -276,7 +276,6 @@ def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = Non
     has more than `influence_max_dim` dimensions (it needs up to p curvature–vector products: hours for the
     default model on a CPU); name it in `methods` to run it anyway.
     """
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .artifact import InfluenceArtifact
