@@ -68,7 +68,9 @@ class _Processes:
 
 def check_step_size(subspace, task, train_examples, config: AttributionConfig, eigenbasis=None) -> tuple[float, Optional[float]]:
     """η to simulate with, and h_max (from `eigenbasis` when given, else by power iteration).
-    A fixed η with η(h_max + λ) >= 2 is refused before any simulation."""
+    A fixed η with η(h_max + λ) >= 2 is refused before any simulation. The unlearning solver's η is its Adam rate."""
+    if config.solver is Solver.UNLEARNING:
+        return float(config.unlearning_rate), None
     shift = config.curvature_shift
     if eigenbasis is not None:
         top = eigenbasis.max_eigenvalue

@@ -28,6 +28,9 @@ class Solver(str, Enum):
     """As two-trajectory but with θ* as the unperturbed end point (exact when θ* is stationary)."""
     CLOSED_FORM = "closed_form"
     """The K-step recursion with full-batch curvature in closed form: −(1 − (1 − η(h+λ))^K)/(h+λ) per eigendirection."""
+    UNLEARNING = "unlearning"
+    """Nonlinear: K Adam steps of gradient *ascent* on L_b alone from θ* (document b unlearned); u_b = θ* − θ_K, the
+    finite response to removing b, with the sign of an up-weighting. Read out with readout='removal'."""
 
 
 class Eigenbasis(str, Enum):
@@ -59,11 +62,16 @@ class ReadoutMode(str, Enum):
     """[f(θ* + εû) − f(θ*)] / ε · ‖u‖: one forward per direction."""
     JVP = "jvp"
     """The exact directional derivative by forward-mode AD (torch.func.jvp), vmapped."""
+    REMOVAL = "removal"
+    """f_q(θ*) − f_q(θ* − u_b): the exact change of f_q when a finite (unlearning) response is taken away; no ε."""
 
 
-DEFAULT_HORIZONS = {"closed_form": 3000, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100}
+DEFAULT_HORIZONS = {"closed_form": 3000, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100, "unlearning": 20}
 """K when `horizon` is None. The closed form costs the same at any K, and on the language-model evaluation every
-metric rose with K up to 3000 (benchmarks/RESULTS.md, issue 9); the iterative solvers cost K curvature products."""
+metric rose with K up to 3000 (benchmarks/RESULTS.md, issue 9); the iterative solvers cost K curvature products;
+unlearning costs K backward passes per document (20 Adam steps at rate 1e-3 unlearn a fact document; issue 9, Table 8)."""
+DEFAULT_READOUTS = {"unlearning": "removal"}
+"""`readout` when None: the removal readout for finite responses, the JVP otherwise."""
 AUTO_BASIS_RANK = 1024
 AUTO_BASIS_MIN_DOCUMENTS = 10_000
 """readout_basis_rank='auto' builds a basis of rank <= AUTO_BASIS_RANK from this many documents on: there the exact
@@ -98,7 +106,9 @@ class AttributionConfig:
 
     Every field has a JSON form; `AttributionConfig.from_dict(config.to_dict()) == config`.
     The quantities are those of DESIGN §2–§5: responses u_b ≈ −(H + λI)⁻¹g_b simulated with
-    `horizon` damped steps of size `step_size`, read out as ∇f_qᵀu_b.
+    `horizon` damped steps of size `step_size`, read out as ∇f_qᵀu_b. The `unlearning` solver instead simulates the
+    finite response to removing each document (K Adam ascent steps on L_b at `unlearning_rate`), read out as
+    f_q(θ*) − f_q(θ* − u_b).
     """
 
     damping: float = field(
@@ -131,7 +141,8 @@ class AttributionConfig:
     )
     solver: Solver = field(
         default=Solver.CLOSED_FORM,
-        metadata={"help": "closed_form | linearized | two_trajectory | single_trajectory (see `Solver`; closed_form is the one that scales)."},
+        metadata={"help": "closed_form | linearized | two_trajectory | single_trajectory | unlearning (see `Solver`; closed_form is the "
+                  "one that scales, unlearning the nonlinear removal response that traces facts best)."},
     )
     curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized solver)."})
     batch_size: int = field(
@@ -141,6 +152,10 @@ class AttributionConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the minibatch sequence (shared by all documents and solvers)."})
     power_iterations: int = field(default=20, metadata={"help": "Power-iteration steps used to estimate h_max."})
     power_iteration_batches: int = field(default=3, metadata={"help": "Minibatches on which h_max is estimated (max taken)."})
+    unlearning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "unlearning solver: the Adam learning rate of the K ascent steps on L_b (in the subspace coordinates)."},
+    )
     trajectory_epsilon: float = field(
         default=1e-3,
         metadata={
@@ -171,7 +186,10 @@ class AttributionConfig:
         default=0.99,
         metadata={"help": "The basis keeps the smallest rank whose scores reach this mean Spearman correlation with exact scores on held-out queries."},
     )
-    readout: ReadoutMode = field(default=ReadoutMode.JVP, metadata={"help": "central_difference | one_sided | jvp."})
+    readout: Optional[ReadoutMode] = field(
+        default=None,
+        metadata={"help": "central_difference | one_sided | jvp | removal; None: removal for the unlearning solver, jvp otherwise."},
+    )
     epsilon: Optional[float] = field(
         default=None,
         metadata={
@@ -191,6 +209,8 @@ class AttributionConfig:
         if self.horizon is None:
             self.horizon = DEFAULT_HORIZONS[self.solver.value]
         self.curvature = _enum_value(Curvature, self.curvature, "curvature")
+        if self.readout is None:
+            self.readout = DEFAULT_READOUTS.get(self.solver.value, ReadoutMode.JVP.value)
         self.readout = _enum_value(ReadoutMode, self.readout, "readout")
         self.eigenbasis = _enum_value(Eigenbasis, self.eigenbasis, "eigenbasis")
         self._validate()
@@ -240,6 +260,16 @@ class AttributionConfig:
             fail(f"`seed` must be an integer, got {self.seed!r}.")
         if finite_number("trajectory_epsilon") <= 0:
             fail(f"`trajectory_epsilon` must be > 0, got {self.trajectory_epsilon!r}.")
+        if finite_number("unlearning_rate") <= 0:
+            fail(f"`unlearning_rate` must be > 0, got {self.unlearning_rate!r}.")
+        if self.readout is ReadoutMode.REMOVAL:
+            if self.solver is not Solver.UNLEARNING:
+                fail(f"readout='removal' evaluates the model at θ* − u_b, which is meaningful for the finite responses of "
+                     f"solver='unlearning' only; the {self.solver.value!r} solver's responses are derivatives: read them with "
+                     "readout='jvp', 'central_difference' or 'one_sided'.")
+            if rank not in ("auto", 0):
+                fail(f"readout='removal' is nonlinear in u_b, so a compressed readout basis cannot serve it: set readout_basis_rank=0 "
+                     f"(got {rank!r}) or read the responses linearly with readout='jvp'.")
         if self.epsilon is not None and finite_number("epsilon") <= 0:
             fail(f"`epsilon` must be > 0 or None (automatic), got {self.epsilon!r}.")
         if self.dtype not in _DTYPES:
@@ -262,6 +292,8 @@ class AttributionConfig:
 
     def readout_basis_rank_for(self, num_documents: int) -> int:
         """The largest basis rank to build for an artifact of `num_documents` documents (0: none)."""
+        if self.readout is ReadoutMode.REMOVAL:
+            return 0  # a linear basis cannot serve a nonlinear readout
         if self.readout_basis_rank != "auto":
             return int(self.readout_basis_rank)
         return AUTO_BASIS_RANK if num_documents >= AUTO_BASIS_MIN_DOCUMENTS else 0

@@ -1,7 +1,8 @@
 """Forward-only readout of scores ∇f_qᵀu_b (DESIGN §5).
 
 No backward pass runs here: difference modes evaluate the model at θ* ± εû, the JVP mode pushes
-tangents forward with `torch.func.jvp`; everything runs under `torch.inference_mode`.
+tangents forward with `torch.func.jvp`, the removal mode evaluates it at θ* − u_b (finite responses of the
+unlearning solver); everything runs under `torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ForwardReadout:
     Args:
         subspace: the attribution subspace (at θ*).
         task: gives the query measurement f_q (`task.measurement`).
-        mode: central_difference | one_sided | jvp.
+        mode: central_difference | one_sided | jvp | removal (f_q(θ*) − f_q(θ* − u_b), for finite responses).
         epsilon: difference modes: step length along the unit direction u/‖u‖; None picks the step that
             balances truncation and rounding error for the model's dtype (`default_epsilon`).
         chunk_size: directions evaluated together in one vmapped pass.
@@ -74,7 +75,8 @@ class ForwardReadout:
         collated: bool = False,
         num_directions: Optional[int] = None,
     ) -> torch.Tensor:
-        """Score matrix [n_queries, n_directions]: entry (q, b) = ∇f_q(θ*)ᵀ u_b; positive = proponent.
+        """Score matrix [n_queries, n_directions]: entry (q, b) = ∇f_q(θ*)ᵀ u_b (removal mode: f_q(θ*) − f_q(θ* − u_b));
+        positive = proponent.
 
         Args:
             queries: query examples (collated by the task), or a collated batch with `collated=True`.
@@ -94,7 +96,7 @@ class ForwardReadout:
         with torch.inference_mode(), evaluation_mode(model), differentiable_attention(model):
             base_value = None
             zero = torch.zeros(self.subspace.dim, device=self.subspace.device, dtype=self._dtype())
-            if self.mode is ReadoutMode.ONE_SIDED:
+            if self.mode in (ReadoutMode.ONE_SIDED, ReadoutMode.REMOVAL):
                 base_value = self._measure(zero, batch)
             for chunk in chunks:
                 if chunk.dim() != 2 or chunk.shape[1] != self.subspace.dim:
@@ -135,6 +137,8 @@ class ForwardReadout:
         """[len(block), n_queries] scores for one block of directions."""
         if self.mode is ReadoutMode.JVP:
             return self._evaluate(lambda tangent: jvp(lambda x: self._measure(x, batch), (zero,), (tangent,))[1], block)
+        if self.mode is ReadoutMode.REMOVAL:
+            return base_value[None] - self._evaluate(lambda u: self._measure(-u, batch), block)
         norms = block.norm(dim=1, keepdim=True)
         directions = block / norms.clamp_min(torch.finfo(block.dtype).tiny)
         step = self.epsilon

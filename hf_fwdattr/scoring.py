@@ -2,7 +2,8 @@
 
 Binds the artifact to a model once (fingerprints checked), then answers document-level scores by
 streaming the response shards (or through the compressed readout basis when the artifact has one)
-and source-level scores from the per-source summed responses: one direction per source, exact.
+and source-level scores from the per-source summed responses: one direction per source, exact. The removal
+readout is nonlinear in u_b, so there a source's score is the sum of its documents' scores instead.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ArtifactScorer:
         self.subspace = artifact.bind(model)
         config = artifact.config
         self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size)
-        self.use_basis = use_basis and artifact.readout_basis is not None
+        self.linear = self.readout.mode is not ReadoutMode.REMOVAL
+        self.use_basis = use_basis and self.linear and artifact.readout_basis is not None
         self.chunk_rows = chunk_rows
 
     def document_scores(self, queries: Sequence[Any]) -> torch.Tensor:
@@ -50,10 +52,18 @@ class ArtifactScorer:
         return self.readout.scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents)
 
     def source_scores(self, queries: Sequence[Any]) -> torch.Tensor:
-        """[n_queries, n_sources] scores, exact: the score of each source's summed response."""
+        """[n_queries, n_sources] scores: the score of each source's summed response (exact for linear readouts);
+        with the removal readout, the sum of the source's document scores."""
         if not self.artifact.source_names:
             raise ReadoutError("The artifact's documents have no sources, so scores cannot be aggregated by source.")
-        return self.readout.scores(queries, self.artifact.source_responses)
+        if self.linear:
+            return self.readout.scores(queries, self.artifact.source_responses)
+        document_scores = self.document_scores(queries)
+        position = {name: i for i, name in enumerate(self.artifact.source_names)}
+        owners = torch.tensor([position.get(s, -1) for s in self.artifact.documents.sources], device=document_scores.device)
+        keep = owners >= 0  # documents without a source belong to none
+        summed = torch.zeros(document_scores.shape[0], len(position), dtype=document_scores.dtype, device=document_scores.device)
+        return summed.index_add_(1, owners[keep], document_scores[:, keep])
 
     def close(self) -> None:
         """Take a projection adapter out of the model again."""

@@ -12,6 +12,11 @@ The iterative solvers share the minibatch sequence (step k uses minibatch k of `
 
 The closed_form solver runs the linearised recursion with the full-batch curvature exactly, as one filter
 in the curvature's eigenbasis (see `eigenbasis.py`): one pass of per-document gradients.
+
+The unlearning solver leaves the linear regime: K Adam steps of gradient ascent on L_b alone from θ*, so that
+the model forgets document b, and u_b = θ* − θ_K (the sign of an up-weighting). A memorised fact sits where its
+loss gradient has vanished, so the first-order response to up-weighting it says little about what removing it
+does; the finite removal response, read out as f_q(θ*) − f_q(θ* − u_b), does (benchmarks/RESULTS.md, issue 9).
 """
 
 from __future__ import annotations
@@ -122,6 +127,8 @@ def simulate_responses(
     start = time.perf_counter()
 
     top = None
+    if config.solver is Solver.UNLEARNING:
+        step_size = config.unlearning_rate if step_size is None else step_size
     if config.solver is Solver.CLOSED_FORM and eigenbasis is None:
         eigenbasis = estimate_eigenbasis(subspace, task, train_examples, config, progress)
     if step_size is None:
@@ -136,6 +143,8 @@ def simulate_responses(
     gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
     if config.solver is Solver.CLOSED_FORM:
         responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
+    elif config.solver is Solver.UNLEARNING:
+        responses = _unlearning(subspace, task, documents, rows, gradients.dtype, config, step_size, progress)
     elif config.solver is Solver.LINEARIZED:
         responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
     else:
@@ -177,6 +186,43 @@ def _linearized(subspace, task, gradients, train_examples, sequence, config, ste
     return responses
 
 
+def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], dtype, config, rate: float, progress) -> torch.Tensor:
+    """K Adam ascent steps on each document's own loss from θ*; returns θ* − θ_K per document."""
+    function = TaskFunction(subspace, task.train_loss)
+    device = subspace.device
+    beta1, beta2, tiny = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+    chunks_of = _chunks_by_document(documents, rows)
+    responses = torch.zeros(len(rows), subspace.dim, dtype=dtype, device=device)
+    with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
+        for row, doc in enumerate(tqdm(rows, desc="Simulating (unlearning)", disable=not progress)):
+            batch = task.collate(chunks_of[doc])
+            point = torch.zeros(subspace.dim, dtype=dtype, device=device)
+            first, second = torch.zeros_like(point), torch.zeros_like(point)
+            for step in range(1, config.horizon + 1):
+                point.requires_grad_(True)
+                (ascent,) = torch.autograd.grad(-function(point, batch).sum(), point)
+                point = point.detach()
+                first.mul_(beta1).add_(ascent, alpha=1 - beta1)
+                second.mul_(beta2).addcmul_(ascent, ascent, value=1 - beta2)
+                denominator = (second / (1 - beta2**step)).sqrt_().add_(tiny)
+                point.addcdiv_(first, denominator, value=-rate / (1 - beta1**step))
+            if not torch.isfinite(point).all():
+                raise SimulationDivergedError(
+                    f"Unlearning document {documents.document_ids[doc]!r} produced non-finite parameters after {config.horizon} steps at "
+                    f"unlearning_rate={rate:.3g}: lower `unlearning_rate` or `horizon`."
+                )
+            responses[row] = -point
+    return responses
+
+
+def _chunks_by_document(documents: DocumentSet, rows: Sequence[int]) -> dict[int, list]:
+    chunks_of = {r: [] for r in rows}
+    for example, doc in zip(documents.examples, documents.example_document):
+        if doc in chunks_of:
+            chunks_of[doc].append(example)
+    return chunks_of
+
+
 def _trajectory_gradient(function: TaskFunction, task, point: torch.Tensor, examples: list, weights: torch.Tensor) -> torch.Tensor:
     point = point.detach().requires_grad_(True)
     losses = function(point, task.collate(examples))
@@ -207,10 +253,7 @@ def _trajectories(subspace, task, documents, rows, gradients, train_examples, se
     responses = torch.zeros_like(gradients)
     with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
         baseline = run([], 0.0) if config.solver is Solver.TWO_TRAJECTORY else torch.zeros(subspace.dim, dtype=dtype, device=device)
-        chunks_of = {r: [] for r in rows}
-        for example, doc in zip(documents.examples, documents.example_document):
-            if doc in chunks_of:
-                chunks_of[doc].append(example)
+        chunks_of = _chunks_by_document(documents, rows)
         negligible = float(gradient_norms.max()) * torch.finfo(dtype).eps
         for row, doc in enumerate(tqdm(rows, desc=f"Simulating ({config.solver.value})", disable=not progress)):
             norm = float(gradient_norms[row])
