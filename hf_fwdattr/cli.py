@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--per-token", action="store_true", help="Also attribute each generated token.")
     attribute.add_argument("--max-new-tokens", type=int, default=16)
     attribute.add_argument("--response", help="Score this answer instead of generating one (auditing).")
-    attribute.add_argument("--readout", choices=["jvp", "central_difference", "one_sided"], help="Override the artifact's readout mode.")
+    attribute.add_argument("--readout", choices=["jvp", "central_difference", "one_sided", "removal"],
+                           help="Override the artifact's readout mode (removal: for artifacts of the unlearning solver).")
     attribute.add_argument("--json", action="store_true", help="Print the pipeline's records as JSON.")
     attribute.set_defaults(run=_attribute)
 

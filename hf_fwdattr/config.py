@@ -29,8 +29,9 @@ class Solver(str, Enum):
     CLOSED_FORM = "closed_form"
     """The K-step recursion with full-batch curvature in closed form: −(1 − (1 − η(h+λ))^K)/(h+λ) per eigendirection."""
     UNLEARNING = "unlearning"
-    """Nonlinear: K Adam steps of gradient *ascent* on L_b alone from θ* (document b unlearned); u_b = θ* − θ_K, the
-    finite response to removing b, with the sign of an up-weighting. Read out with readout='removal'."""
+    """Nonlinear: K Adam steps from θ* that ascend L_b and descend `unlearning_retain` × the minibatch loss (document b
+    unlearned, the rest kept); u_b = θ* − θ_K, the finite response to removing b, with the sign of an up-weighting.
+    Read out with readout='removal'."""
 
 
 class Eigenbasis(str, Enum):
@@ -107,7 +108,8 @@ class AttributionConfig:
     Every field has a JSON form; `AttributionConfig.from_dict(config.to_dict()) == config`.
     The quantities are those of DESIGN §2–§5: responses u_b ≈ −(H + λI)⁻¹g_b simulated with
     `horizon` damped steps of size `step_size`, read out as ∇f_qᵀu_b. The `unlearning` solver instead simulates the
-    finite response to removing each document (K Adam ascent steps on L_b at `unlearning_rate`), read out as
+    finite response to removing each document (K Adam steps at `unlearning_rate` ascending L_b, descending
+    `unlearning_retain` × the training minibatch loss), read out as
     f_q(θ*) − f_q(θ* − u_b).
     """
 
@@ -154,7 +156,14 @@ class AttributionConfig:
     power_iteration_batches: int = field(default=3, metadata={"help": "Minibatches on which h_max is estimated (max taken)."})
     unlearning_rate: float = field(
         default=1e-3,
-        metadata={"help": "unlearning solver: the Adam learning rate of the K ascent steps on L_b (in the subspace coordinates)."},
+        metadata={"help": "unlearning solver: the Adam learning rate of the K steps (in the subspace coordinates)."},
+    )
+    unlearning_retain: float = field(
+        default=3.0,
+        metadata={
+            "help": "unlearning solver: weight of the mean training-minibatch loss descended while L_b is ascended, so that "
+            "forgetting b does not break what the other documents taught (0: ascend L_b alone). See benchmarks/RESULTS.md, issue 9."
+        },
     )
     trajectory_epsilon: float = field(
         default=1e-3,
@@ -262,6 +271,8 @@ class AttributionConfig:
             fail(f"`trajectory_epsilon` must be > 0, got {self.trajectory_epsilon!r}.")
         if finite_number("unlearning_rate") <= 0:
             fail(f"`unlearning_rate` must be > 0, got {self.unlearning_rate!r}.")
+        if finite_number("unlearning_retain") < 0:
+            fail(f"`unlearning_retain` must be >= 0, got {self.unlearning_retain!r}.")
         if self.readout is ReadoutMode.REMOVAL:
             if self.solver is not Solver.UNLEARNING:
                 fail(f"readout='removal' evaluates the model at θ* − u_b, which is meaningful for the finite responses of "

@@ -49,6 +49,8 @@ class Method(str, Enum):
 
     OURS = "ours"
     """The artifact's responses read out forward-only (`ArtifactScorer`)."""
+    UNLEARNING = "ours_unlearning"
+    """The artifact's documents re-simulated with the unlearning solver in the same subspace, removal readout."""
     BM25 = "bm25"
     """Lexical retrieval: the query and answer text against each document's text."""
     GRAD_DOT = "grad_dot"
@@ -62,6 +64,7 @@ class Method(str, Enum):
 METHODS = tuple(m.value for m in Method)
 METHOD_LABELS = {
     "ours": "ours (forward-only readout)",
+    "ours_unlearning": "ours, unlearning solver (forward-only)",
     "bm25": "BM25",
     "grad_dot": "gradient dot product",
     "influence": "exact damped influence",
@@ -115,7 +118,9 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
     """Score every query of `data` against the artifact's documents with each of `methods` and rank the true ones.
 
     ``ours`` is the artifact read out forward-only (`ArtifactScorer`: document scores from the responses,
-    source scores from the per-source summed responses). The gradient peers work in the artifact's own
+    source scores from the per-source summed responses). ``ours_unlearning`` simulates the documents' responses
+    again with ``solver="unlearning"`` (library defaults otherwise) in the artifact's subspace and reads them out
+    with the removal readout; its source scores sum document scores. The gradient peers work in the artifact's own
     subspace on the same model; exact influence uses the artifact's damping and curvature kind, with the
     documents as the full training batch (`influence_eigensystem`: a `peers.CurvatureEigensystem` of that
     curvature, already built, for the dense solver).
@@ -150,6 +155,8 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
                 scores[method.value] = scorer.document_scores(queries).double()
                 if source_names:  # the exact per-source readout: one direction per source
                     source_scores[method.value] = scorer.source_scores(queries).double().numpy()
+            elif method is Method.UNLEARNING:
+                scores[method.value], details["ours_unlearning"] = _unlearning_scores(scorer.subspace, task, documents, queries, config)
             elif method is Method.BM25:
                 by_id = {d["document_id"]: d for d in data.documents}
                 bm25 = BM25Scores([by_id[i]["text"] or "" for i in ids])
@@ -178,6 +185,17 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
         metrics[m] = summarize(scores[m], true_index, groups, source_scores.get(m) if source_names else None,
                                true_source if source_names else None, top_document_sources=by_top_document)
     return FactTracingResult(metrics, scores, source_scores, ids, source_names, true_index, true_source, kinds, seconds, details)
+
+
+def _unlearning_scores(subspace, task, documents: DocumentSet, queries: list, artifact_config) -> tuple[torch.Tensor, dict]:
+    from .config import AttributionConfig
+    from .readout import ForwardReadout
+    from .simulate import simulate_responses
+
+    config = AttributionConfig(solver="unlearning", readout_chunk_size=artifact_config.readout_chunk_size)
+    simulated = simulate_responses(subspace, task, documents, documents.examples, config)
+    scores = ForwardReadout.from_config(subspace, task, config).scores(queries, simulated.responses).double()
+    return scores, {"horizon": config.horizon, "unlearning_rate": config.unlearning_rate, "simulation_seconds": simulated.seconds}
 
 
 class _Peers:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .artifact import InfluenceArtifact
-from .config import ReadoutMode
+from .config import ReadoutMode, Solver
 from .errors import ReadoutError
 from .readout import ForwardReadout
 from .task import AttributionTask
@@ -37,6 +37,10 @@ class ArtifactScorer:
         self.artifact = artifact
         self.subspace = artifact.bind(model)
         config = artifact.config
+        if mode is not None and ReadoutMode(mode) is ReadoutMode.REMOVAL and config.solver is not Solver.UNLEARNING:
+            raise ReadoutError(f"The removal readout evaluates the model at θ* − u_b, which is meaningful only for the unlearning solver's "
+                               f"finite responses; this artifact was simulated with solver={config.solver.value!r}: use jvp, "
+                               "central_difference or one_sided.")
         self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size)
         self.linear = self.readout.mode is not ReadoutMode.REMOVAL
         self.use_basis = use_basis and self.linear and artifact.readout_basis is not None

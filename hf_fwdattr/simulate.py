@@ -13,8 +13,9 @@ The iterative solvers share the minibatch sequence (step k uses minibatch k of `
 The closed_form solver runs the linearised recursion with the full-batch curvature exactly, as one filter
 in the curvature's eigenbasis (see `eigenbasis.py`): one pass of per-document gradients.
 
-The unlearning solver leaves the linear regime: K Adam steps of gradient ascent on L_b alone from θ*, so that
-the model forgets document b, and u_b = θ* − θ_K (the sign of an up-weighting). A memorised fact sits where its
+The unlearning solver leaves the linear regime: K Adam steps from θ* that ascend L_b while descending
+`unlearning_retain` × the mean loss of training minibatch k (the model forgets document b and keeps the rest), and
+u_b = θ* − θ_K (the sign of an up-weighting). A memorised fact sits where its
 loss gradient has vanished, so the first-order response to up-weighting it says little about what removing it
 does; the finite removal response, read out as f_q(θ*) − f_q(θ* − u_b), does (benchmarks/RESULTS.md, issue 9).
 """
@@ -144,7 +145,7 @@ def simulate_responses(
     if config.solver is Solver.CLOSED_FORM:
         responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
     elif config.solver is Solver.UNLEARNING:
-        responses = _unlearning(subspace, task, documents, rows, gradients.dtype, config, step_size, progress)
+        responses = _unlearning(subspace, task, documents, rows, train_examples, sequence, gradients.dtype, config, step_size, progress)
     elif config.solver is Solver.LINEARIZED:
         responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
     else:
@@ -186,24 +187,30 @@ def _linearized(subspace, task, gradients, train_examples, sequence, config, ste
     return responses
 
 
-def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], dtype, config, rate: float, progress) -> torch.Tensor:
-    """K Adam ascent steps on each document's own loss from θ*; returns θ* − θ_K per document."""
+def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], train_examples, sequence, dtype, config, rate: float,
+                progress) -> torch.Tensor:
+    """Per document, K Adam steps on −L_b + retain · (mean loss of minibatch k) from θ*; returns θ* − θ_K."""
     function = TaskFunction(subspace, task.train_loss)
     device = subspace.device
     beta1, beta2, tiny = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+    retain = float(config.unlearning_retain)
+    batches = [task.collate([train_examples[i] for i in indices]) for indices in sequence.indices(config.horizon)] if retain else []
     chunks_of = _chunks_by_document(documents, rows)
     responses = torch.zeros(len(rows), subspace.dim, dtype=dtype, device=device)
     with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
         for row, doc in enumerate(tqdm(rows, desc="Simulating (unlearning)", disable=not progress)):
-            batch = task.collate(chunks_of[doc])
+            own = task.collate(chunks_of[doc])
             point = torch.zeros(subspace.dim, dtype=dtype, device=device)
             first, second = torch.zeros_like(point), torch.zeros_like(point)
             for step in range(1, config.horizon + 1):
                 point.requires_grad_(True)
-                (ascent,) = torch.autograd.grad(-function(point, batch).sum(), point)
+                objective = -function(point, own).sum()
+                if retain:
+                    objective = objective + retain * function(point, batches[step - 1]).mean()
+                (direction,) = torch.autograd.grad(objective, point)
                 point = point.detach()
-                first.mul_(beta1).add_(ascent, alpha=1 - beta1)
-                second.mul_(beta2).addcmul_(ascent, ascent, value=1 - beta2)
+                first.mul_(beta1).add_(direction, alpha=1 - beta1)
+                second.mul_(beta2).addcmul_(direction, direction, value=1 - beta2)
                 denominator = (second / (1 - beta2**step)).sqrt_().add_(tiny)
                 point.addcdiv_(first, denominator, value=-rate / (1 - beta1**step))
             if not torch.isfinite(point).all():

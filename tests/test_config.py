@@ -69,6 +69,9 @@ def test_unknown_keys_warn_and_load(caplog):
         ({"readout": "backward"}, "`readout`"),
         ({"epsilon": 0.0}, "`epsilon`"),
         ({"trajectory_epsilon": -1e-3}, "`trajectory_epsilon`"),
+        ({"unlearning_rate": 0.0}, "`unlearning_rate`"),
+        ({"readout": "removal"}, "unlearning"),
+        ({"solver": "unlearning", "readout_basis_rank": 8}, "readout_basis_rank=0"),
         ({"readout_chunk_size": 0}, "`readout_chunk_size`"),
         ({"dtype": "int8"}, "`dtype`"),
     ],
@@ -84,6 +87,13 @@ def test_horizon_defaults_per_solver_and_round_trips():
     assert AttributionConfig(solver="linearized", horizon=7).horizon == 7
     restored = AttributionConfig.from_dict(AttributionConfig(solver="two_trajectory").to_dict())
     assert restored.horizon == 100 and restored.solver is Solver.TWO_TRAJECTORY
+
+
+def test_unlearning_defaults_to_the_removal_readout_without_a_basis():
+    config = AttributionConfig(solver="unlearning")
+    assert config.horizon == 20 and config.readout.value == "removal" and config.readout_basis_rank_for(10**6) == 0
+    assert AttributionConfig.from_json_string(config.to_json_string()) == config
+    assert AttributionConfig().readout.value == "jvp" and AttributionConfig(solver="unlearning", readout="jvp").readout.value == "jvp"
 
 
 def test_readout_basis_rank_auto_depends_on_the_number_of_documents():

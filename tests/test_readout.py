@@ -128,3 +128,22 @@ def test_responses_of_another_subspace_are_refused(lm_responses):
     subspace, task, responses = lm_responses[("llama", "peft")]
     with pytest.raises(ReadoutError, match="another subspace"):
         ForwardReadout(subspace, task).scores(lm_queries(lm_examples(1)), responses[:, :-1])
+
+
+def test_removal_readout_is_the_drop_of_f_when_the_response_is_taken_away(lm_responses):
+    """f_q(θ*) − f_q(θ* − u_b), evaluated forward-only; equal to the JVP for a small u_b."""
+    from hf_fwdattr.functional import TaskFunction
+
+    subspace, task, responses = lm_responses[("llama", "peft")]
+    queries = lm_queries(lm_examples(3, seed=8))
+    large = responses / responses.norm(dim=1, keepdim=True)
+    with backward_forbidden() as saved:
+        removal = ForwardReadout(subspace, task, "removal").scores(queries, large)
+    assert saved["count"] == 0
+    measure, batch = TaskFunction(subspace, task.measurement), task.collate(queries)
+    with torch.no_grad():
+        expected = torch.stack([measure(torch.zeros(subspace.dim), batch) - measure(-u, batch) for u in large], dim=1)
+    torch.testing.assert_close(removal, expected, rtol=1e-5, atol=1e-6)
+    small = 1e-3 * large
+    linear = ForwardReadout(subspace, task, "jvp").scores(queries, small)
+    torch.testing.assert_close(ForwardReadout(subspace, task, "removal").scores(queries, small), linear, rtol=0.05, atol=1e-6)

@@ -153,3 +153,29 @@ def test_document_without_tokens_is_refused(lm_task):
         simulate_responses(subspace, lm_task, documents, lm_examples(4))
     with pytest.raises(EmptyDocumentsError, match="no examples"):
         DocumentSet(examples=[{"input_ids": [5, 6]}], example_document=[0], document_ids=["a", "b"])
+
+
+def test_unlearning_is_adam_on_the_document_ascended_and_the_training_set_retained(mlp_classifier, classification_task):
+    """u_b = θ* − θ_K after K steps of torch.optim.Adam on −L_b + retain · mean training loss, from θ*."""
+    import copy
+
+    model, examples = mlp_classifier
+    train = examples[:10]
+    subspace = AttributionSubspace.build(model, "trainable")
+    documents = DocumentSet.from_examples(examples[:3])
+    for retain in (0.0, 3.0):
+        config = AttributionConfig(solver="unlearning", horizon=6, unlearning_rate=0.02, unlearning_retain=retain,
+                                   batch_size=len(train), dtype="float64")
+        result = simulate_responses(subspace, classification_task, documents, train, config)
+        assert result.step_size == 0.02 and config.readout.value == "removal"
+        inputs, labels = torch.stack([x for x, _ in train]), torch.stack([y for _, y in train])
+        for row, (x, y) in enumerate(examples[:3]):
+            copied = copy.deepcopy(model)
+            optimizer = torch.optim.Adam(copied.parameters(), lr=0.02)
+            for _ in range(6):
+                optimizer.zero_grad()
+                objective = -nn.functional.cross_entropy(copied(x[None]), y[None]) + retain * nn.functional.cross_entropy(copied(inputs), labels)
+                objective.backward()
+                optimizer.step()
+            moved = torch.cat([(p - q).reshape(-1) for p, q in zip(copied.parameters(), model.parameters())]).detach()
+            torch.testing.assert_close(result.responses[row], -moved, rtol=1e-10, atol=1e-12)
