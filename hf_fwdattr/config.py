@@ -31,7 +31,8 @@ class Solver(str, Enum):
     UNLEARNING = "unlearning"
     """Nonlinear: K Adam steps from θ* that ascend L_b and descend `unlearning_retain` × the minibatch loss (document b
     unlearned, the rest kept); u_b = θ* − θ_K, the finite response to removing b, with the sign of an up-weighting.
-    Read out with readout='removal'."""
+    Read out with readout='removal'. Uses `horizon`, `unlearning_rate`, `unlearning_retain`, `batch_size` and `seed`;
+    not the damping, curvature or step size of the influence recursion."""
 
 
 class Eigenbasis(str, Enum):

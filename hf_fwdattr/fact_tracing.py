@@ -195,7 +195,8 @@ def _unlearning_scores(subspace, task, documents: DocumentSet, queries: list, ar
     config = AttributionConfig(solver="unlearning", readout_chunk_size=artifact_config.readout_chunk_size)
     simulated = simulate_responses(subspace, task, documents, documents.examples, config)
     scores = ForwardReadout.from_config(subspace, task, config).scores(queries, simulated.responses).double()
-    return scores, {"horizon": config.horizon, "unlearning_rate": config.unlearning_rate, "simulation_seconds": simulated.seconds}
+    return scores, {"horizon": config.horizon, "unlearning_rate": config.unlearning_rate, "unlearning_retain": config.unlearning_retain,
+                    "batch_size": config.batch_size, "simulation_seconds": simulated.seconds}
 
 
 class _Peers:

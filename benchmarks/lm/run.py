@@ -16,7 +16,9 @@ One command, everything cached under benchmarks/lm/cache/facts/ (rerunning reuse
 5. the horizon / damping sweep in the small subspace: the K-step filter applied in the eigenbasis
    (the full-batch version of the simulation) for several K and λ, against exact influence;
 6. the horizon in the full LoRA subspace: ours with the library's closed-form solver on a
-   Kronecker-factored (EK-FAC) eigenbasis, which makes any K cost the same (K = 30, 300, 3000).
+   Kronecker-factored (EK-FAC) eigenbasis, which makes any K cost the same (K = 30, 300, 3000);
+7. ours with the unlearning solver (nonlinear removal response, removal readout) in the LoRA subspace,
+   in the fact-tracing table and the LDS.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def main() -> None:
     model, tokenizer, data = setup["model"], setup["tokenizer"], setup["data"]
     log(f"fact model ready ({time.perf_counter() - start:.0f}s): {setup['artifact']}")
 
-    full = evaluate_fact_tracing(model, tokenizer, setup["artifact"], data, methods=["ours", "bm25", "grad_dot", "random"])
+    full = evaluate_fact_tracing(model, tokenizer, setup["artifact"], data, methods=["ours", "ours_unlearning", "bm25", "grad_dot", "random"])
     log("\n## Fact tracing, LoRA subspace (p = 16,384)\n" + format_table(full))
     small = small_artifact(setup, log)
     system = small_eigensystem(setup, small, log)
@@ -170,7 +172,7 @@ def main() -> None:
                                **{f"lora_closed_form_K{k}": r.to_dict() for k, r in closed_form.items()}},
               "seconds": {"total": time.perf_counter() - start}}
     if truth is not None:
-        named = {f"lora/{m}": full.scores[m] for m in ("ours", "grad_dot", "random")}
+        named = {f"lora/{m}": full.scores[m] for m in ("ours", "ours_unlearning", "grad_dot", "random")}
         named.update({f"lora/ours closed-form K={k}": r.scores["ours"] for k, r in closed_form.items()})
         named.update({f"small/{m}": reduced.scores[m] for m in ("ours", "grad_dot", "influence")})
         report["lds"] = lds_table(named, truth, full.kinds)
