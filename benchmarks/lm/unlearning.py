@@ -8,7 +8,8 @@ M, I: a fact model folder and its artifact (only its documents and subspace are 
 setting (horizon K, Adam rate, retain weight) the documents are simulated again with ``solver="unlearning"``
 in the artifact's subspace and read out with the removal readout and, for comparison, the JVP. With `--lds`
 the scores are also compared with `benchmarks/lm/cache/facts/ground_truth.safetensors` (it must have been made
-on the same base model: checked by hash).
+on the same base model: checked by hash), and the retrainings themselves are ranked first: per query and
+document, mean f_q over the retrainings that kept the document minus the mean over those that dropped it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def main() -> None:
         if settings["base_sha256"] != hashlib.sha256((args.model / "model.safetensors").read_bytes()).hexdigest() or settings["document_ids"] != ids:
             raise SystemExit("The cached ground truth was made on another base model or documents: drop --lds.")
         truth = load_file(cache / "ground_truth.safetensors")
+        subsets, outputs = truth["subsets"].double(), truth["outputs"].mean(0)
+        kept = (subsets.T @ outputs) / subsets.sum(0)[:, None] - ((1 - subsets).T @ outputs) / (1 - subsets).sum(0)[:, None]
+        m = summarize(kept.T.contiguous(), true, groups)
+        print("retrainings, kept minus dropped: MRR " + ", ".join(f"{k} {v['mrr']:.3f}" for k, v in m.items())
+              + f"; the true document's effect (nats), median over queries {float(kept[true, np.arange(len(true))].median()):.2f}")
     subspace = artifact.bind(model)
     print(f"{len(ids)} documents, {len(queries)} queries, p = {subspace.dim}")
     print("| K | rate | retain | readout | MRR verbatim | MRR paraphrase | MRR all | recall@1 all | source acc. all (sum) |"
