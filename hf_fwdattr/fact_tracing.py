@@ -119,8 +119,9 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
 
     ``ours`` is the artifact read out forward-only (`ArtifactScorer`: document scores from the responses,
     source scores from the per-source summed responses). ``ours_unlearning`` simulates the documents' responses
-    again with ``solver="unlearning"`` (library defaults otherwise) in the artifact's subspace and reads them out
-    with the removal readout; its source scores sum document scores. The gradient peers work in the artifact's own
+    again with ``solver="unlearning"`` (library defaults otherwise; the documents are the training set its retain
+    minibatches are drawn from) in the artifact's subspace and reads them out with the removal readout; its source
+    scores sum document scores. The gradient peers work in the artifact's own
     subspace on the same model; exact influence uses the artifact's damping and curvature kind, with the
     documents as the full training batch (`influence_eigensystem`: a `peers.CurvatureEigensystem` of that
     curvature, already built, for the dense solver).
