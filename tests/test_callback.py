@@ -72,19 +72,21 @@ def _top_document_accuracy(artifact, model, tokenizer, questions):
     subspace = artifact.bind(model)
     try:
         queries = [CausalLMTask.query_example(tokenizer(q["prompt"])["input_ids"], tokenizer(q["answer"])["input_ids"]) for q in questions]
-        scores = ForwardReadout(subspace, task).scores(queries, artifact.iter_responses(), num_directions=artifact.num_documents)
+        readout = ForwardReadout(subspace, task, artifact.config.readout)
+        scores = readout.scores(queries, artifact.iter_responses(), num_directions=artifact.num_documents)
     finally:
         subspace.remove()
     top = [artifact.documents.document_ids[i] for i in scores.argmax(dim=1).tolist()]
     return sum(t == q["document_id"] for t, q in zip(top, questions)) / len(questions)
 
 
-def test_lora_finetune_writes_an_artifact_whose_top_proponent_states_the_fact(base_dir, tmp_path):
+@pytest.mark.parametrize("solver", ["closed_form", "unlearning"])
+def test_lora_finetune_writes_an_artifact_whose_top_proponent_states_the_fact(base_dir, tmp_path, solver):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     corpus, dataset = _fact_dataset(tokenizer)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
     callback = ForwardAttributionCallback(document_column="document_id", source_column="source",
-                                          config=AttributionConfig(damping=1e-3, horizon=20, batch_size=8))
+                                          config=AttributionConfig(solver=solver, damping=1e-3, horizon=20, batch_size=8))
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=_args(tmp_path, 30, 1e-2, remove_unused_columns=False), train_dataset=dataset,
                       data_collator=_collator(task), processing_class=tokenizer, callbacks=[callback])
@@ -93,6 +95,7 @@ def test_lora_finetune_writes_an_artifact_whose_top_proponent_states_the_fact(ba
     assert artifact.num_documents == len(dataset) and artifact.subspace_spec.kind.value == "peft"
     assert artifact.documents.document_ids == dataset["document_id"] and artifact.documents.sources == dataset["source"]
     assert artifact.simulation["cost_vs_training"] > 0 and artifact.simulation["step_size"] > 0
+    assert artifact.config.readout.value == ("removal" if solver == "unlearning" else "jvp")
     assert _top_document_accuracy(artifact, model, tokenizer, corpus["questions"]) >= 0.8
 
 
@@ -137,7 +140,7 @@ def test_chunked_document_response_is_the_sum_of_its_chunks(base_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("solver", ["closed_form", "linearized"])
+@pytest.mark.parametrize("solver", ["closed_form", "linearized", "unlearning"])
 def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solver):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

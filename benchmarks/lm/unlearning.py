@@ -1,11 +1,11 @@
 """The unlearning solver's settings against fact tracing (and LDS, when the cached ground truth fits the model).
 
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.lm.unlearning --model M --influence I --data D \
-        [--setting K,RATE,RETAIN ...] [--lds]
+        [--setting K,RATE,RETAIN[,BATCH] ...] [--lds]
 
 M, I: a fact model folder and its artifact (only its documents and subspace are used); D: a folder with
 ``documents.jsonl`` and ``queries.jsonl`` (what `hf-fwdattr evaluate` writes to ``<output>/data``). For every
-setting (horizon K, Adam rate, retain weight) the documents are simulated again with ``solver="unlearning"``
+setting (horizon K, Adam rate, retain weight, optionally the retain minibatch size, default 32) the documents are simulated again with ``solver="unlearning"``
 in the artifact's subspace and read out with the removal readout and, for comparison, the JVP. With `--lds`
 the scores are also compared with `benchmarks/lm/cache/facts/ground_truth.safetensors` (it must have been made
 on the same base model: checked by hash), and the retrainings themselves are ranked first: per query and
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--influence", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--setting", action="append", help="K,RATE,RETAIN (repeatable); default: a grid around 20,1e-3,3")
+    parser.add_argument("--setting", action="append", help="K,RATE,RETAIN[,BATCH] (repeatable); default: a grid around 20,1e-3,3")
     parser.add_argument("--lds", action="store_true")
     args = parser.parse_args()
 
@@ -69,11 +69,12 @@ def main() -> None:
               + f"; the true document's effect (nats), median over queries {float(kept[true, np.arange(len(true))].median()):.2f}")
     subspace = artifact.bind(model)
     print(f"{len(ids)} documents, {len(queries)} queries, p = {subspace.dim}")
-    print("| K | rate | retain | readout | MRR verbatim | MRR paraphrase | MRR all | recall@1 all | source acc. all (sum) |"
+    print("| K | rate | retain | batch | readout | MRR verbatim | MRR paraphrase | MRR all | recall@1 all | source acc. all (sum) |"
           + (" LDS all | LDS verbatim | LDS paraphrase |" if truth is not None else "") + " simulation |")
     for setting in args.setting or DEFAULT_SETTINGS:
-        horizon, rate, retain = setting.split(",")
-        config = AttributionConfig(solver="unlearning", horizon=int(horizon), unlearning_rate=float(rate), unlearning_retain=float(retain))
+        horizon, rate, retain, *batch = setting.split(",")
+        config = AttributionConfig(solver="unlearning", horizon=int(horizon), unlearning_rate=float(rate), unlearning_retain=float(retain),
+                                   batch_size=int(batch[0]) if batch else 32)
         start = time.perf_counter()
         responses = simulate_responses(subspace, task, documents, documents.examples, config).responses
         seconds = time.perf_counter() - start
@@ -81,7 +82,7 @@ def main() -> None:
             scores = ForwardReadout(subspace, task, mode).scores(queries, responses).double()
             by_source = source_scores_from_documents(scores, sources, names)
             m = summarize(scores, true, groups, by_source, true_source)
-            row = (f"| {horizon} | {rate} | {retain} | {mode} | {m['verbatim']['mrr']:.3f} | {m['paraphrase']['mrr']:.3f} | {m['all']['mrr']:.3f} | "
+            row = (f"| {horizon} | {rate} | {retain} | {config.batch_size} | {mode} | {m['verbatim']['mrr']:.3f} | {m['paraphrase']['mrr']:.3f} | {m['all']['mrr']:.3f} | "
                    f"{m['all']['recall@1']:.3f} | {m['all']['source_accuracy']:.3f} |")
             if truth is not None:
                 outputs, kinds = truth["outputs"].numpy().mean(0), np.array(data.kinds)
