@@ -5,7 +5,8 @@
 One command, everything cached under benchmarks/lm/cache/facts/ (rerunning reuses what is there):
 
 1. the fact model (the default of `hf-fwdattr evaluate`: LoRA r = 8 on every projection, p = 16,384) and
-   its artifact (the callback's, K = 30, λ = 1e-3, GGN);
+   its artifact (the callback's, with the library's default configuration when the model is built; Table 1 of
+   benchmarks/RESULTS.md was measured on one built when that default was the linearized solver, K = 30);
 2. fact tracing in that subspace: ours (forward-only), BM25, gradient dot product, random — exact
    influence there needs p = 16,384 curvature products, hours on this machine, so:
 3. the same comparison with exact damped influence in a *smaller subspace of the same model*: the LoRA B
