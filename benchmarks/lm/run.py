@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 
 import numpy as np
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.lm.ground_truth import generate
 from benchmarks.lm.setup import CACHE, NAME, evaluation_setup
-from hf_fwdattr import InfluenceArtifact, build_influence_artifact
+from hf_fwdattr import ArtifactError, InfluenceArtifact, build_influence_artifact
 from hf_fwdattr.curvature import CurvatureOperator
 from hf_fwdattr.evaluation import lds, split_half_ceiling
 from hf_fwdattr.fact_metrics import reciprocal_ranks, source_scores_from_documents, top_choice_accuracy
@@ -86,8 +87,12 @@ def closed_form_artifacts(setup: dict, horizons=(30, 300, 3000), log=print) -> d
         config = AttributionConfig(damping=setup["artifact"].config.damping, horizon=horizon, batch_size=16, readout="jvp",
                                    solver="closed_form", eigenbasis="kronecker")
         start = time.perf_counter()
-        made[horizon] = build_influence_artifact(model, setup["task"], documents, documents.examples, CACHE / NAME / f"closed_form_K{horizon}",
-                                                 config, progress=False)
+        directory = CACHE / NAME / f"closed_form_K{horizon}"
+        try:
+            made[horizon] = build_influence_artifact(model, setup["task"], documents, documents.examples, directory, config, progress=False)
+        except ArtifactError:  # cached with other settings (an older configuration): a cache, so build it again
+            shutil.rmtree(directory)
+            made[horizon] = build_influence_artifact(model, setup["task"], documents, documents.examples, directory, config, progress=False)
         log(f"closed-form artifact K = {horizon}: {time.perf_counter() - start:.0f}s")
     return made
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 DEFAULT_SETTINGS = ["20,1e-3,3", "20,1e-3,0", "20,1e-3,1", "20,1e-3,10", "10,1e-3,3", "40,1e-3,3", "20,3e-4,3", "20,3e-3,3"]
 
