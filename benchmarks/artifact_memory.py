@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def _model():
     from peft import LoraConfig, get_peft_model
 
-    from hf_fwdattr.toy import tiny_llama
+    from hf_fwdattr.demo.toy import tiny_llama
 
     return get_peft_model(tiny_llama(64), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
 
@@ -44,7 +44,7 @@ def _queries():
 def write_artifact(directory: Path, n: int) -> None:
     """An artifact of `n` random responses, written shard by shard (the writer never holds all rows)."""
     from hf_fwdattr import AttributionConfig, AttributionSubspace, DocumentTable, InfluenceArtifact
-    from hf_fwdattr.storage import ShardWriter
+    from hf_fwdattr.storage.shards import ShardWriter
 
     subspace = AttributionSubspace.build(_model())
     config = AttributionConfig()

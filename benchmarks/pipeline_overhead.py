@@ -34,8 +34,8 @@ def main() -> None:
 
     import hf_fwdattr  # noqa: F401
     from hf_fwdattr import CausalLMTask, query_gradients
-    from hf_fwdattr.demo import train_fact_model
-    from hf_fwdattr.toy import fact_corpus
+    from hf_fwdattr.demo.run import train_fact_model
+    from hf_fwdattr.demo.toy import fact_corpus
 
     directory = Path(args.demo_dir)
     if not (directory / "influence" / "attribution_config.json").is_file():

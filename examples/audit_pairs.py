@@ -12,7 +12,7 @@ import sys
 from transformers import pipeline
 
 import hf_fwdattr  # noqa: F401  (registers the "attributed-text-generation" pipeline)
-from hf_fwdattr.toy import fact_corpus
+from hf_fwdattr.demo.toy import fact_corpus
 from stand_ins import CORPUS
 
 model_dir, influence_dir = sys.argv[1:3] if len(sys.argv) == 3 else ("runs/examples/lora/model", "runs/examples/lora/influence")

@@ -34,7 +34,7 @@ def pretrained_model():
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from hf_fwdattr.toy import fact_corpus, tiny_llama, train_tokenizer
+    from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
 
     if not (BASE_DIR / "config.json").is_file():
         corpus = fact_corpus(**CORPUS)
@@ -53,7 +53,7 @@ def fine_tuning_documents(tokenizer):
     """(dataset, questions): the fine-tuning documents, and a question (prompt, answer, true document) per fact."""
     from datasets import Dataset
 
-    from hf_fwdattr.toy import fact_corpus
+    from hf_fwdattr.demo.toy import fact_corpus
 
     corpus = fact_corpus(**CORPUS)
     rows = [{"document_id": d["document_id"], "source": d["source"], "input_ids": tokenizer(d["text"])["input_ids"] + [tokenizer.eos_token_id]}

@@ -2,13 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .artifact import DocumentTable, InfluenceArtifact
-from .build import build_influence_artifact
-from .callback import ForwardAttributionCallback
-from .compress import build_readout_basis
-from .config import AttributionConfig, Curvature, Eigenbasis, ReadoutMode, Solver
-from .curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
-from .documents import DocumentSet, MinibatchSequence
 from .errors import (
     ArtifactError,
     AttributionConfigError,
@@ -21,13 +14,20 @@ from .errors import (
     SubspaceError,
     TaskError,
 )
-from .gradients import GradientMethod, document_gradients, example_gradients, query_gradients
-from .pipeline import AttributedTextGenerationPipeline
-from .readout import ForwardReadout
-from .scoring import ArtifactScorer
-from .simulate import SimulationResult, simulate_responses
-from .subspace import AttributionSubspace, SubspaceKind, SubspaceSpec
-from .task import AttributionTask, CausalLMTask, ClassificationTask
+from .estimator.config import AttributionConfig, Curvature, Eigenbasis, ReadoutMode, Solver
+from .estimator.curvature import CurvatureOperator, estimate_step_size, top_eigenvalue
+from .estimator.documents import DocumentSet, MinibatchSequence
+from .estimator.gradients import GradientMethod, document_gradients, example_gradients, query_gradients
+from .estimator.simulate import SimulationResult, simulate_responses
+from .estimator.subspace import AttributionSubspace, SubspaceKind, SubspaceSpec
+from .estimator.task import AttributionTask, CausalLMTask, ClassificationTask
+from .integrations.build import build_influence_artifact
+from .integrations.callback import ForwardAttributionCallback
+from .integrations.pipeline import AttributedTextGenerationPipeline
+from .query.compress import build_readout_basis
+from .query.readout import ForwardReadout
+from .query.scoring import ArtifactScorer
+from .storage.artifact import DocumentTable, InfluenceArtifact
 
 __all__ = [
     "ArtifactScorer",

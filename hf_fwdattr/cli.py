@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import classifier_demo, fact_demo
+    from .demo.run import classifier_demo, fact_demo
 
     if args.task == "classifier":
         classifier_demo(seed=args.seed)
@@ -23,7 +23,7 @@ def _attribute(args: argparse.Namespace) -> int:
 
     from transformers import pipeline
 
-    from . import pipeline as _registration  # noqa: F401  (registers the task)
+    from .integrations import pipeline as _registration  # noqa: F401  (registers the task)
 
     pipe = pipeline("attributed-text-generation", model=args.model, influence=args.influence, readout=args.readout)
     call = {"top_k": args.top_k, "aggregate": args.aggregate, "per_token": args.per_token}
@@ -46,7 +46,7 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .fact_tracing import format_table, run_evaluation
+    from .evaluation.fact_tracing import format_table, run_evaluation
 
     columns = {"id_column": args.id_column, "source_column": args.source_column, "text_column": args.text_column,
                "query_column": args.query_column, "answer_column": args.answer_column, "true_column": args.true_column,
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--json", action="store_true", help="Print the pipeline's records as JSON.")
     attribute.set_defaults(run=_attribute)
 
-    from .fact_tracing import METHODS
+    from .evaluation.fact_tracing import METHODS
 
     evaluate = commands.add_parser(
         "evaluate", help="Fact tracing: recall@k, MRR and source accuracy of the true document, against BM25 and gradient peers.",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hf_fwdattr import CausalLMTask, ClassificationTask
-from hf_fwdattr.toy import tiny_gpt2, tiny_llama
+from hf_fwdattr.demo.toy import tiny_gpt2, tiny_llama
 
 VOCAB = 64
 
@@ -180,7 +180,7 @@ def fact_model(tmp_path_factory):
     """What `hf-fwdattr demo` leaves, on a smaller corpus: a folder with model/ (base + adapter + tokenizer) and
     influence/, plus the in-memory corpus, tokenizer, model and artifact."""
     from hf_fwdattr import AttributionConfig
-    from hf_fwdattr.demo import train_fact_model
+    from hf_fwdattr.demo.run import train_fact_model
 
     directory = tmp_path_factory.mktemp("fact_demo")
     made = train_fact_model(directory, corpus_kwargs=SMALL_FACT_CORPUS, pretrain_epochs=30, finetune_epochs=30,

@@ -24,7 +24,7 @@ from hf_fwdattr import (
     InfluenceArtifact,
     simulate_responses,
 )
-from hf_fwdattr.storage import INDEX_NAME
+from hf_fwdattr.storage.shards import INDEX_NAME
 
 from conftest import lm_examples, lm_queries, make_lm
 from hub_server import RecordingHub
@@ -290,8 +290,8 @@ def dying_save_file(tensors, filename, metadata=None):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(tensors, filename, metadata=metadata)
 
-import hf_fwdattr.storage
-hf_fwdattr.storage.save_file = dying_save_file
+import hf_fwdattr.storage.shards
+hf_fwdattr.storage.shards.save_file = dying_save_file
 InfluenceArtifact.from_pretrained(source).save_pretrained(target, max_shard_size=shard_bytes)
 """
 

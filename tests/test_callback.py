@@ -28,9 +28,9 @@ from hf_fwdattr import (
     build_influence_artifact,
     simulate_responses,
 )
-from hf_fwdattr.data import documents_from_dataset, examples_from_dataset, split_into_chunks
-from hf_fwdattr.subspace import fingerprint_parameters
-from hf_fwdattr.toy import fact_corpus, tiny_llama, train_tokenizer
+from hf_fwdattr.integrations.data import documents_from_dataset, examples_from_dataset, split_into_chunks
+from hf_fwdattr.estimator.subspace import fingerprint_parameters
+from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = dict(n_entities=5, relations_per_entity=2, n_filler=4, n_distractors=2, pretraining_entities=10)
@@ -231,18 +231,18 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import hf_fwdattr.storage
+import hf_fwdattr.storage.shards
 from hf_fwdattr import AttributionConfig, CausalLMTask, build_influence_artifact
-from hf_fwdattr.data import documents_from_dataset, examples_from_dataset
+from hf_fwdattr.integrations.data import documents_from_dataset, examples_from_dataset
 
 base, out, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
-original = hf_fwdattr.storage.ShardWriter.write
+original = hf_fwdattr.storage.shards.ShardWriter.write
 def write_then_die(self, index, rows):
     original(self, index, rows)
     print("wrote", index, flush=True)
     if kill:
         os.kill(os.getpid(), signal.SIGKILL)
-hf_fwdattr.storage.ShardWriter.write = write_then_die
+hf_fwdattr.storage.shards.ShardWriter.write = write_then_die
 tokenizer = AutoTokenizer.from_pretrained(base)
 torch.manual_seed(0)
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fwdattr.evaluation import (
+from hf_fwdattr.evaluation.metrics import (
     EvaluationError,
     lds,
     leave_one_out,

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from hf_fwdattr import AttributionSubspace, CausalLMTask
-from hf_fwdattr.config import Curvature
-from hf_fwdattr.curvature import CurvatureOperator
-from hf_fwdattr.documents import DocumentSet
-from hf_fwdattr.fact_metrics import reciprocal_ranks, recall_at_k, source_scores_from_documents, summarize, true_document_ranks
-from hf_fwdattr.fact_data import FactTracingDataError, FactTracingSet, tokenized_documents
-from hf_fwdattr.peers import BM25Scores, CurvatureEigensystem, damped_influence_scores, damped_solve, gradient_dot_scores
-from hf_fwdattr.toy import fact_corpus
+from hf_fwdattr.estimator.config import Curvature
+from hf_fwdattr.estimator.curvature import CurvatureOperator
+from hf_fwdattr.estimator.documents import DocumentSet
+from hf_fwdattr.evaluation.fact_metrics import reciprocal_ranks, recall_at_k, source_scores_from_documents, summarize, true_document_ranks
+from hf_fwdattr.evaluation.fact_data import FactTracingDataError, FactTracingSet, tokenized_documents
+from hf_fwdattr.evaluation.baselines import BM25Scores, CurvatureEigensystem, damped_influence_scores, damped_solve, gradient_dot_scores
+from hf_fwdattr.demo.toy import fact_corpus
 
 from conftest import lm_examples, lm_queries, make_lm
 
@@ -56,7 +56,7 @@ def test_source_scores_sum_documents_and_summary_groups():
 
 
 def test_bad_inputs_are_refused():
-    from hf_fwdattr.evaluation import EvaluationError
+    from hf_fwdattr.evaluation.metrics import EvaluationError
 
     with pytest.raises(EvaluationError, match="true_index"):
         recall_at_k(np.zeros((2, 3)), [0, 3], 1)
@@ -95,7 +95,7 @@ def test_bm25_ranks_the_document_that_shares_rare_words():
 def small_lm():
     """A tiny LoRA Llama with a 384-dimensional subspace (the LoRA B matrices), its task and data."""
     model, _ = make_lm("llama", "peft")
-    from hf_fwdattr.subspace import canonical_name
+    from hf_fwdattr.estimator.subspace import canonical_name
 
     names = [canonical_name(n) for n, _ in model.named_parameters() if "lora_B" in n]
     subspace = AttributionSubspace.build(model, "trainable", parameter_names=names)
@@ -131,8 +131,8 @@ def test_gradient_dot_product_has_the_proponent_sign(small_lm):
     """A small gradient step on document b changes f_q by ≈ step · score(b, q): positive = proponent."""
     model, subspace, task, documents, train, queries = small_lm
     scores = gradient_dot_scores(subspace, task, queries, documents)
-    from hf_fwdattr.functional import TaskFunction
-    from hf_fwdattr.gradients import document_gradients
+    from hf_fwdattr.estimator.functional import TaskFunction
+    from hf_fwdattr.estimator.gradients import document_gradients
 
     measure = TaskFunction(subspace, task.measurement)
     step = 1e-3
@@ -183,7 +183,7 @@ def test_evaluate_command_on_own_files(fact_model, tmp_path, capsys):
 
 
 def test_source_readout_equals_summed_document_scores(fact_model):
-    from hf_fwdattr.fact_tracing import evaluate_fact_tracing
+    from hf_fwdattr.evaluation.fact_tracing import evaluate_fact_tracing
 
     data = FactTracingSet.from_corpus(fact_model["corpus"])
     data.queries = data.queries[:4]
@@ -194,7 +194,7 @@ def test_source_readout_equals_summed_document_scores(fact_model):
 
 def test_unlearning_artifact_scores_sources_by_summed_documents(fact_model, tmp_path):
     from hf_fwdattr import ArtifactScorer, AttributionConfig, ReadoutError, build_influence_artifact
-    from hf_fwdattr.fact_data import query_examples
+    from hf_fwdattr.evaluation.fact_data import query_examples
 
     model, tokenizer, artifact = fact_model["model"], fact_model["tokenizer"], fact_model["artifact"]
     data = FactTracingSet.from_corpus(fact_model["corpus"])

@@ -37,8 +37,8 @@ def test_linear_hooks_match_per_example_backward(architecture, adapter, lm_task)
 
 
 def test_trainable_subspace_of_an_lm_uses_the_loop(lm_task):
-    from hf_fwdattr.gradients import GradientMethod, resolve_gradient_method
-    from hf_fwdattr.toy import tiny_llama
+    from hf_fwdattr.estimator.gradients import GradientMethod, resolve_gradient_method
+    from hf_fwdattr.demo.toy import tiny_llama
 
     model = tiny_llama(64, hidden_size=16, layers=1)
     subspace = AttributionSubspace.build(model, "trainable")

@@ -15,8 +15,8 @@ from hf_fwdattr import (
     InfluenceArtifact,
     build_influence_artifact,
 )
-from hf_fwdattr.data import documents_from_dataset, examples_from_dataset
-from hf_fwdattr.pipeline import AttributionRequestError
+from hf_fwdattr.integrations.data import documents_from_dataset, examples_from_dataset
+from hf_fwdattr.integrations.pipeline import AttributionRequestError
 
 from conftest import backward_forbidden
 

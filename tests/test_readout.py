@@ -14,7 +14,7 @@ from hf_fwdattr import (
     query_gradients,
     simulate_responses,
 )
-from hf_fwdattr.toy import tiny_llama
+from hf_fwdattr.demo.toy import tiny_llama
 
 from conftest import VOCAB, BackwardCalled, backward_forbidden, fit, lm_examples, lm_queries, make_lm, noisy_classification
 
@@ -94,7 +94,7 @@ def test_training_example_is_its_own_strongest_proponent():
 
 def test_attention_without_forward_ad_is_switched(lm_task):
     """flex_attention has no forward-mode AD; the readout switches to SDPA's math kernel, same outputs."""
-    from hf_fwdattr.functional import differentiable_attention
+    from hf_fwdattr.estimator.functional import differentiable_attention
 
     reference = tiny_llama(VOCAB)
     model = tiny_llama(VOCAB, attn_implementation="flex_attention")
@@ -132,7 +132,7 @@ def test_responses_of_another_subspace_are_refused(lm_responses):
 
 def test_removal_readout_is_the_drop_of_f_when_the_response_is_taken_away(lm_responses):
     """f_q(θ*) − f_q(θ* − u_b), evaluated forward-only; equal to the JVP for a small u_b."""
-    from hf_fwdattr.functional import TaskFunction
+    from hf_fwdattr.estimator.functional import TaskFunction
 
     subspace, task, responses = lm_responses[("llama", "peft")]
     queries = lm_queries(lm_examples(3, seed=8))

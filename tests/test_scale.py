@@ -21,8 +21,8 @@ from hf_fwdattr import (
     query_gradients,
     simulate_responses,
 )
-from hf_fwdattr.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, horizon_filter
-from hf_fwdattr.storage import InMemoryResponses
+from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, horizon_filter
+from hf_fwdattr.storage.shards import InMemoryResponses
 
 from conftest import lm_examples, lm_queries, make_lm
 

@@ -15,7 +15,7 @@ from hf_fwdattr import (
     document_gradients,
     simulate_responses,
 )
-from hf_fwdattr.curvature import top_eigenvalue
+from hf_fwdattr.estimator.curvature import top_eigenvalue
 
 from conftest import lm_examples, make_lm
 

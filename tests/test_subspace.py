@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from hf_fwdattr import AttributionSubspace, SubspaceError, SubspaceKind, SubspaceSpec
-from hf_fwdattr.toy import tiny_gpt2, tiny_llama
+from hf_fwdattr.demo.toy import tiny_gpt2, tiny_llama
 
 from conftest import VOCAB, make_lm
 

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.lm.generalisation --hidden 128 --entities 768
 
-The recipe of `hf_fwdattr.demo.train_fact_model` on `hf-fwdattr evaluate`'s corpus (co-mention distractors,
+The recipe of `hf_fwdattr.demo.run.train_fact_model` on `hf-fwdattr evaluate`'s corpus (co-mention distractors,
 pretraining paraphrases), with the width, the number of pretraining entities and the learning rates as
 options. Prints, per query kind, the mean log p(answer | prompt) and how many queries the model answers
 (every answer token its most likely next token). A paraphrase the model does not answer cannot be traced
@@ -24,11 +24,11 @@ def main() -> None:
     from transformers import Trainer
     from transformers.utils import logging as hf_logging
 
-    from hf_fwdattr.demo import LORA_TARGETS, _collator, _training_arguments
-    from hf_fwdattr.fact_data import FactTracingSet, query_examples
-    from hf_fwdattr.fact_tracing import EVALUATION_CORPUS, answer_statistics
-    from hf_fwdattr.task import CausalLMTask
-    from hf_fwdattr.toy import fact_corpus, tiny_llama, train_tokenizer
+    from hf_fwdattr.demo.run import LORA_TARGETS, _collator, _training_arguments
+    from hf_fwdattr.evaluation.fact_data import FactTracingSet, query_examples
+    from hf_fwdattr.evaluation.fact_tracing import EVALUATION_CORPUS, answer_statistics
+    from hf_fwdattr.estimator.task import CausalLMTask
+    from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=64)

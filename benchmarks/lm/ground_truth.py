@@ -1,7 +1,7 @@
 """LDS ground truth for the fact model: the LoRA fine-tune retrained on random halves of its documents.
 
 Every retraining starts from the same pretrained base (``model/model.safetensors`` of the fact model) and
-repeats the demo's fine-tuning recipe exactly (`hf_fwdattr.demo.train_fact_model`: LoRA r = 8 on every
+repeats the demo's fine-tuning recipe exactly (`hf_fwdattr.demo.run.train_fact_model`: LoRA r = 8 on every
 projection, 30 epochs, AdamW at 1e-2 with a linear schedule, batch 8) on the documents of one subset,
 with `seeds` LoRA-initialisation / data-order seeds per subset (10 000 + …, none of them θ*'s). The
 measurement is f_q = log p(answer | prompt) of every query, averaged over seeds. Two full-data
@@ -44,7 +44,7 @@ def retrain(model_dir: Path, rows: list[dict], seed: int, task, epochs: int = 30
     from transformers import Trainer
     from transformers.utils import logging as hf_logging
 
-    from hf_fwdattr.demo import LORA_TARGETS, _collator, _training_arguments
+    from hf_fwdattr.demo.run import LORA_TARGETS, _collator, _training_arguments
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(seed)

@@ -36,12 +36,12 @@ from safetensors.torch import load_file, save_file
 from benchmarks.lm.ground_truth import generate
 from benchmarks.lm.setup import CACHE, NAME, evaluation_setup
 from hf_fwdattr import ArtifactError, InfluenceArtifact, build_influence_artifact
-from hf_fwdattr.curvature import CurvatureOperator
-from hf_fwdattr.evaluation import lds, split_half_ceiling
-from hf_fwdattr.fact_metrics import reciprocal_ranks, source_scores_from_documents, top_choice_accuracy
-from hf_fwdattr.fact_tracing import evaluate_fact_tracing, format_table
-from hf_fwdattr.peers import CurvatureEigensystem
-from hf_fwdattr.subspace import SubspaceSpec, canonical_name
+from hf_fwdattr.estimator.curvature import CurvatureOperator
+from hf_fwdattr.evaluation.metrics import lds, split_half_ceiling
+from hf_fwdattr.evaluation.fact_metrics import reciprocal_ranks, source_scores_from_documents, top_choice_accuracy
+from hf_fwdattr.evaluation.fact_tracing import evaluate_fact_tracing, format_table
+from hf_fwdattr.evaluation.baselines import CurvatureEigensystem
+from hf_fwdattr.estimator.subspace import SubspaceSpec, canonical_name
 
 SMALL_SUBSPACE = "lora_B of mlp.down_proj (both layers)"
 
@@ -115,7 +115,7 @@ def lds_table(named_scores: dict[str, torch.Tensor], truth: dict, kinds: list[st
 
 def horizon_sweep(setup: dict, small: InfluenceArtifact, system: CurvatureEigensystem, result, truth: dict) -> list[dict]:
     """MRR and LDS of the K-step filter (−(1 − (1 − η(h + λ))^K)/(h + λ) per eigenvalue h) for several K and λ."""
-    from hf_fwdattr.gradients import document_gradients, query_gradients
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
 
     subspace = small.bind(setup["model"])
     task = setup["task"]

@@ -13,8 +13,8 @@ def evaluation_setup(seed: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_fwdattr import CausalLMTask, InfluenceArtifact
-    from hf_fwdattr.fact_data import query_examples, tokenized_documents
-    from hf_fwdattr.fact_tracing import default_fact_model
+    from hf_fwdattr.evaluation.fact_data import query_examples, tokenized_documents
+    from hf_fwdattr.evaluation.fact_tracing import default_fact_model
 
     model_dir, influence_dir, data = default_fact_model(CACHE / NAME / "fact_model", seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

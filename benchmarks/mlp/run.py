@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hf_fwdattr import AttributionConfig, AttributionSubspace, ForwardReadout, SimulationDivergedError, query_gradients
-from hf_fwdattr.evaluation import lds, leave_one_out, split_half_ceiling
+from hf_fwdattr.evaluation.metrics import lds, leave_one_out, split_half_ceiling
 
 from . import costs
 from .ensemble import module_from, train_ensemble

@@ -77,7 +77,7 @@ def make_corpus(n: int, n_queries: int = 64, seed: int = 0) -> Corpus:
 
 def train_corpus_tokenizer(seed: int = 0):
     """A byte-level BPE tokenizer (vocabulary 512) trained on 5,000 documents of a separate corpus."""
-    from hf_fwdattr.toy import train_tokenizer
+    from hf_fwdattr.demo.toy import train_tokenizer
 
     return train_tokenizer(make_corpus(5_000, 0, seed=seed + 100).texts, vocab_size=512)
 

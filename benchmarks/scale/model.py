@@ -24,7 +24,7 @@ def base_model(cache: Path, tokenizer, pretraining_texts):
     """The pretrained tiny Llama (trained on `pretraining_texts()` and saved under `cache` the first time)."""
     from transformers import LlamaForCausalLM
 
-    from hf_fwdattr.toy import tiny_llama
+    from hf_fwdattr.demo.toy import tiny_llama
 
     from .corpus import tokenize
 

@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import torch
 
 from hf_fwdattr import ArtifactScorer, AttributionConfig, AttributionSubspace, DocumentSet, InfluenceArtifact, build_influence_artifact, query_gradients
-from hf_fwdattr.compress import _pearson_rows, _spearman_rows, project, randomized_basis
-from hf_fwdattr.eigenbasis import estimate_eigenbasis
+from hf_fwdattr.query.compress import _pearson_rows, _spearman_rows, project, randomized_basis
+from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
 
 from .model import TASK
 

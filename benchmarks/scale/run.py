@@ -73,7 +73,7 @@ def _memory(n: int, readout: str, queries: int) -> dict:
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> dict:
-    from hf_fwdattr.compress import _pearson_rows, _spearman_rows
+    from hf_fwdattr.query.compress import _pearson_rows, _spearman_rows
 
     return {"spearman": float(_spearman_rows(a, b).mean()), "pearson": float(_pearson_rows(a, b).mean())}
 
@@ -121,7 +121,7 @@ def run_size(n: int, fidelity_size: int, tok) -> dict:
 
     def kronfluence():
         rows = min(n, KRONFLUENCE_MAX_ROWS)
-        from hf_fwdattr.eigenbasis import _subset
+        from hf_fwdattr.estimator.eigenbasis import _subset
 
         indices = _subset(list(range(n)), CURVATURE_EXAMPLES, seed=0)  # the same examples our EK-FAC is estimated on
         value = peers.kronfluence_peer(model, examples, indices, test_queries, rows, directory / "kronfluence", ours.DAMPING, single_rows=rows)

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_fwdattr import AttributionConfig, CausalLMTask, ForwardAttributionCallback
-from hf_fwdattr.toy import fact_corpus
+from hf_fwdattr.demo.toy import fact_corpus
 
 
 def main(base_dir: str, output_dir: str, solver: str = "closed_form") -> None:

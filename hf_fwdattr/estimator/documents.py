@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .errors import DuplicateDocumentError, EmptyDocumentsError
+from ..errors import DuplicateDocumentError, EmptyDocumentsError
 
 
 @dataclass

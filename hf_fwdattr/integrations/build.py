@@ -17,17 +17,17 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, refuse_foreign_artifact, shard_identity
-from .compress import build_readout_basis
-from .config import AttributionConfig, Solver
-from .curvature import estimate_step_size
-from .documents import DocumentSet
-from .eigenbasis import estimate_eigenbasis
-from .errors import ArtifactError, SimulationDivergedError
-from .gradients import query_gradients
-from .simulate import simulate_responses
-from .storage import ShardWriter
-from .subspace import AttributionSubspace, SubspaceSpec
+from ..errors import ArtifactError, SimulationDivergedError
+from ..estimator.config import AttributionConfig, Solver
+from ..estimator.curvature import estimate_step_size
+from ..estimator.documents import DocumentSet
+from ..estimator.eigenbasis import estimate_eigenbasis
+from ..estimator.gradients import query_gradients
+from ..estimator.simulate import simulate_responses
+from ..estimator.subspace import AttributionSubspace, SubspaceSpec
+from ..query.compress import build_readout_basis
+from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, refuse_foreign_artifact, shard_identity
+from ..storage.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,6 @@ def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, st
 
 
 def _base_model(model) -> dict:
-    from .artifact import _base_model_of
+    from ..storage.artifact import _base_model_of
 
     return _base_model_of(model)

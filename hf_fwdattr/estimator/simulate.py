@@ -30,11 +30,11 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import SimulationDivergedError
 from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
 from .documents import DocumentSet, MinibatchSequence
 from .eigenbasis import estimate_eigenbasis, horizon_filter
-from .errors import SimulationDivergedError
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import GradientMethod, document_gradients
 from .subspace import AttributionSubspace

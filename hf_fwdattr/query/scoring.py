@@ -12,11 +12,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .artifact import InfluenceArtifact
-from .config import ReadoutMode, Solver
-from .errors import ReadoutError
+from ..errors import ReadoutError
+from ..estimator.config import ReadoutMode, Solver
+from ..estimator.task import AttributionTask
+from ..storage.artifact import InfluenceArtifact
 from .readout import ForwardReadout
-from .task import AttributionTask
 
 
 class ArtifactScorer:

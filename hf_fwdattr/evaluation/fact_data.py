@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
 
-from .documents import DocumentSet
-from .task import CausalLMTask
+from ..estimator.documents import DocumentSet
+from ..estimator.task import CausalLMTask
 
 
 class FactTracingDataError(ValueError):

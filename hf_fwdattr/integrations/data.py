@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .documents import DocumentSet
-from .errors import DocumentsError, DuplicateDocumentError, EmptyDocumentsError
-from .task import IGNORE_INDEX
+from ..errors import DocumentsError, DuplicateDocumentError, EmptyDocumentsError
+from ..estimator.documents import DocumentSet
+from ..estimator.task import IGNORE_INDEX
 
 _EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask")
 

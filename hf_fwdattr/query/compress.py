@@ -10,11 +10,11 @@ for that check come from backward passes, which is fine at training time.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator
 
 import torch
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-
 __all__ = [
     "CorrelationSummary",
     "EvaluationError",

@@ -36,10 +36,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .documents import DocumentSet
+from ..estimator.documents import DocumentSet
+from ..estimator.task import IGNORE_INDEX, CausalLMTask
 from .fact_data import FactTracingDataError, FactTracingSet, query_examples, tokenized_documents
 from .fact_metrics import source_scores_from_documents, summarize
-from .task import IGNORE_INDEX, CausalLMTask
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
     documents as the full training batch (`influence_eigensystem`: a `peers.CurvatureEigensystem` of that
     curvature, already built, for the dense solver).
     """
-    from .peers import BM25Scores, gradient_dot_scores, random_scores
-    from .scoring import ArtifactScorer
+    from ..query.scoring import ArtifactScorer
+    from .baselines import BM25Scores, gradient_dot_scores, random_scores
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -189,9 +189,9 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
 
 
 def _unlearning_scores(subspace, task, documents: DocumentSet, queries: list, artifact_config) -> tuple[torch.Tensor, dict]:
-    from .config import AttributionConfig
-    from .readout import ForwardReadout
-    from .simulate import simulate_responses
+    from ..estimator.config import AttributionConfig
+    from ..estimator.simulate import simulate_responses
+    from ..query.readout import ForwardReadout
 
     config = AttributionConfig(solver="unlearning", readout_chunk_size=artifact_config.readout_chunk_size)
     simulated = simulate_responses(subspace, task, documents, documents.examples, config)
@@ -210,13 +210,13 @@ class _Peers:
 
     def document_gradients(self) -> torch.Tensor:
         if self._document_gradients is None:
-            from .gradients import document_gradients
+            from ..estimator.gradients import document_gradients
 
             self._document_gradients = document_gradients(self.subspace, self.task, self.documents, dtype=torch.float64)
         return self._document_gradients
 
     def influence(self):
-        from .peers import damped_influence_scores
+        from .baselines import damped_influence_scores
 
         return damped_influence_scores(self.subspace, self.task, self.queries, self.documents, self.documents.examples, self.damping,
                                        self.curvature, self.document_gradients(), **self.influence_options)
@@ -234,7 +234,7 @@ def query_groups(kinds: Sequence[str], answered: Optional[np.ndarray] = None) ->
 
 def answer_statistics(model: torch.nn.Module, task: CausalLMTask, queries: Sequence[dict], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per query, log p(answer | prompt) and whether every answer token is the model's most likely next token."""
-    from .functional import evaluation_mode
+    from ..estimator.functional import evaluation_mode
 
     log_probs, answered = [], []
     with torch.inference_mode(), evaluation_mode(model):
@@ -251,7 +251,7 @@ def answer_statistics(model: torch.nn.Module, task: CausalLMTask, queries: Seque
 def token_attributions(model: torch.nn.Module, tokenizer, artifact, query: str, answer: str) -> tuple[list[str], torch.Tensor]:
     """Per-token document scores of one answer: row i is log p(answer token i | query, earlier tokens) attributed
     to every document, forward-only (the pipeline's ``per_token=True``). Returns the tokens and [n_tokens, n_documents]."""
-    from .scoring import ArtifactScorer
+    from ..query.scoring import ArtifactScorer
 
     prompt = tokenizer(query)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -298,7 +298,7 @@ def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = Non
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .artifact import InfluenceArtifact
+    from ..storage.artifact import InfluenceArtifact
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -332,8 +332,8 @@ def run_evaluation(output_dir: Union[str, Path], model_path: Optional[str] = Non
 def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str, str, FactTracingSet]:
     """The fact model on `EVALUATION_CORPUS` in `directory` (built with `demo.train_fact_model` and `EVALUATION_MODEL`
     unless one built with the same recipe is there): its model folder, its artifact folder, and the fact-tracing set of its corpus."""
-    from .artifact import InfluenceArtifact
-    from .toy import fact_corpus
+    from ..demo.toy import fact_corpus
+    from ..storage.artifact import InfluenceArtifact
 
     directory = Path(directory)
     corpus = fact_corpus(seed=seed, **EVALUATION_CORPUS)
@@ -349,7 +349,7 @@ def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str,
     if reusable:
         logger.info("Reusing the fact model in %s.", directory)
     else:
-        from .demo import train_fact_model
+        from ..demo.run import train_fact_model
 
         recipe_path.unlink(missing_ok=True)
         train_fact_model(directory, seed=seed, corpus_kwargs=EVALUATION_CORPUS, **EVALUATION_MODEL)
@@ -358,7 +358,7 @@ def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str,
 
 
 def _figures(result: FactTracingResult, model, tokenizer, artifact, data: FactTracingSet, output_dir: Path) -> None:
-    from .fact_plots import plot_recall_mrr, plot_score_distributions, plot_token_attribution
+    from .plots import plot_recall_mrr, plot_score_distributions, plot_token_attribution
 
     plot_recall_mrr(result, output_dir / "recall_mrr.png")
     plot_score_distributions(result, output_dir / "score_distributions.png")

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .evaluation import EvaluationError
+from .metrics import EvaluationError
 
 __all__ = ["reciprocal_ranks", "recall_at_k", "source_scores_from_documents", "summarize", "top_choice_accuracy", "true_document_ranks"]
 

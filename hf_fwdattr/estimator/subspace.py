@@ -27,8 +27,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..errors import SubspaceError
 from .config import known_fields
-from .errors import SubspaceError
 
 logger = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ the prompt (per token with ``per_token=True``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .artifact import InfluenceArtifact
-from .errors import ReadoutError
-from .scoring import ArtifactScorer
-from .task import IGNORE_INDEX, CausalLMTask
+from ..errors import ReadoutError
+from ..estimator.task import IGNORE_INDEX, CausalLMTask
+from ..query.scoring import ArtifactScorer
+from ..storage.artifact import InfluenceArtifact
 
 TASK_NAME = "attributed-text-generation"
 _AGGREGATES = ("document", "source")

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import TaskError
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
-from .errors import TaskError
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import _leaves, _linear_owners, example_gradients
 from .subspace import AttributionSubspace

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import AttributionConfigError
+from ..errors import AttributionConfigError
 
 logger = logging.getLogger(__name__)
 

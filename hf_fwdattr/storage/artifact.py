@@ -13,14 +13,12 @@ Safetensors and JSON only: nothing in an artifact can execute code.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -28,24 +26,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .config import AttributionConfig
-from .documents import DocumentSet
-from .errors import ArtifactError, DuplicateDocumentError, FingerprintMismatchError, SubspaceError
-from .storage import (
-    INDEX_NAME,
+from .. import __version__
+from ..errors import ArtifactError, FingerprintMismatchError, SubspaceError
+from ..estimator.config import AttributionConfig
+from ..estimator.documents import DocumentSet
+from ..estimator.subspace import AttributionSubspace, SubspaceSpec
+from .shards import (
     ComposedResponses,
     InMemoryResponses,
     ShardedResponses,
     ShardWriter,
     write_json_atomic,
 )
-from .subspace import AttributionSubspace, SubspaceSpec
+from .table import DOCUMENTS_NAME, DocumentTable
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "attribution_config.json"
-DOCUMENTS_NAME = "documents.jsonl"
 SOURCES_NAME = "source_responses.safetensors"
 BASIS_NAME = "readout_basis.safetensors"
 CARD_NAME = "README.md"
@@ -54,78 +51,6 @@ _KNOWN_KEYS = {
     "format_version", "library_version", "estimator", "subspace", "fingerprints", "base_model", "num_documents",
     "dim", "dtype", "simulation", "fidelity", "sources",
 }
-
-
-@dataclass
-class DocumentTable:
-    """One row per document, in response-row order: id, source, token count and free metadata."""
-
-    document_ids: list[str]
-    sources: list[Optional[str]] = field(default_factory=list)
-    n_tokens: list[Optional[int]] = field(default_factory=list)
-    metadata: list[Optional[dict]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.document_ids = [str(d) for d in self.document_ids]
-        n = len(self.document_ids)
-        self.sources = list(self.sources) or [None] * n
-        self.n_tokens = list(self.n_tokens) or [None] * n
-        self.metadata = list(self.metadata) or [None] * n
-        if not len(self.sources) == len(self.n_tokens) == len(self.metadata) == n:
-            raise ArtifactError("The document table's columns (ids, sources, n_tokens, metadata) differ in length.")
-        duplicates = sorted(d for d, count in Counter(self.document_ids).items() if count > 1)
-        if duplicates:
-            raise DuplicateDocumentError(f"Document ids must be unique; repeated: {duplicates[:5]}.")
-
-    def __len__(self) -> int:
-        return len(self.document_ids)
-
-    @classmethod
-    def from_document_set(cls, documents: DocumentSet, n_tokens: Optional[Sequence[int]] = None, metadata=None) -> "DocumentTable":
-        """The table of a `DocumentSet` (token counts, if not given, are summed from `input_ids` of its chunks)."""
-        if n_tokens is None:
-            counts = [0] * len(documents)
-            for example, doc in zip(documents.examples, documents.example_document):
-                ids = example.get("input_ids") if isinstance(example, dict) else None
-                counts[doc] += len(ids) if ids is not None else 0
-            n_tokens = [c or None for c in counts]
-        return cls(list(documents.document_ids), list(documents.sources), list(n_tokens), list(metadata or []))
-
-    def select(self, rows: Sequence[int]) -> "DocumentTable":
-        """The rows at `rows`, in that order."""
-        return DocumentTable([self.document_ids[r] for r in rows], [self.sources[r] for r in rows],
-                             [self.n_tokens[r] for r in rows], [self.metadata[r] for r in rows])
-
-    def concat(self, other: "DocumentTable") -> "DocumentTable":
-        """This table followed by `other` (ids must stay unique)."""
-        return DocumentTable(self.document_ids + other.document_ids, self.sources + other.sources,
-                             self.n_tokens + other.n_tokens, self.metadata + other.metadata)
-
-    def source_names(self) -> list[str]:
-        """Distinct sources in order of first appearance (documents without a source are left out)."""
-        return list(dict.fromkeys(s for s in self.sources if s is not None))
-
-    def to_jsonl(self) -> str:
-        """The table as JSON lines (`documents.jsonl`), one row per document in tensor-row order."""
-        rows = zip(self.document_ids, self.sources, self.n_tokens, self.metadata)
-        return "".join(json.dumps({"document_id": d, "source": s, "n_tokens": t, "metadata": m}, sort_keys=True) + "\n" for d, s, t, m in rows)
-
-    @classmethod
-    def from_jsonl(cls, text: str) -> "DocumentTable":
-        """Parse `to_jsonl` output; a malformed line is refused with its number, duplicate ids by the constructor."""
-        ids, sources, tokens, metadata = [], [], [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                ids.append(row["document_id"])
-            except (ValueError, KeyError) as err:
-                raise ArtifactError(f"{DOCUMENTS_NAME} line {number} is not a document row ({err!r}).") from err
-            sources.append(row.get("source"))
-            tokens.append(row.get("n_tokens"))
-            metadata.append(row.get("metadata"))
-        return cls(ids, sources, tokens, metadata)
 
 
 def _sum_by_source(table: DocumentTable, store, chunk_rows: int = 4096) -> tuple[list[str], torch.Tensor]:
@@ -584,7 +509,7 @@ def _load_tensor(path: Path, name: str) -> torch.Tensor:
 
 def _card_template() -> Path:
     name = "influence_artifact.md"
-    candidates = [Path(__file__).resolve().parent.parent / "model_cards" / name,
+    candidates = [Path(__file__).resolve().parents[2] / "model_cards" / name,
                   Path(sys.prefix) / "share" / "hf_fwdattr" / "model_cards" / name]
     for candidate in candidates:
         if candidate.is_file():

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import TaskError
 from .documents import DocumentSet
-from .errors import TaskError
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .subspace import AttributionSubspace
 

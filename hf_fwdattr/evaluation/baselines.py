@@ -21,11 +21,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import Curvature
-from .curvature import CurvatureOperator
-from .documents import DocumentSet
-from .gradients import document_gradients, query_gradients
-from .subspace import AttributionSubspace
+from ..estimator.config import Curvature
+from ..estimator.curvature import CurvatureOperator
+from ..estimator.documents import DocumentSet
+from ..estimator.gradients import document_gradients, query_gradients
+from ..estimator.subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)
 

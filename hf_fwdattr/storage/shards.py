@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 INDEX_NAME = "responses.safetensors.index.json"
 PROGRESS_NAME = ".fwdattr-save-progress.json"

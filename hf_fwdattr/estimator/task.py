@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from .errors import EmptyDocumentsError, TaskError
+from ..errors import EmptyDocumentsError, TaskError
 
 IGNORE_INDEX = -100
 

@@ -12,11 +12,11 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch.func import jvp, vmap
 
-from .config import AttributionConfig, ReadoutMode
-from .errors import ReadoutError
-from .functional import TaskFunction, evaluation_mode, differentiable_attention
-from .subspace import AttributionSubspace
-from .task import as_task
+from ..errors import ReadoutError
+from ..estimator.config import AttributionConfig, ReadoutMode
+from ..estimator.functional import TaskFunction, differentiable_attention, evaluation_mode
+from ..estimator.subspace import AttributionSubspace
+from ..estimator.task import as_task
 
 
 def default_epsilon(mode: ReadoutMode, dtype: torch.dtype) -> float:

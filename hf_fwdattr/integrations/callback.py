@@ -9,13 +9,13 @@ from typing import Any, Optional, Union
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .artifact import InfluenceArtifact
+from ..errors import AttributionConfigError
+from ..estimator.config import AttributionConfig
+from ..estimator.subspace import AttributionSubspace, SubspaceSpec, find_peft_adapters
+from ..estimator.task import AttributionTask, CausalLMTask
+from ..storage.artifact import InfluenceArtifact
 from .build import build_influence_artifact
-from .config import AttributionConfig
 from .data import check_documents_dataset, documents_from_dataset, examples_from_dataset
-from .errors import AttributionConfigError
-from .subspace import AttributionSubspace, SubspaceSpec, find_peft_adapters
-from .task import AttributionTask, CausalLMTask
 
 logger = logging.get_logger(__name__)
 

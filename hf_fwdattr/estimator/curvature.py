@@ -7,15 +7,15 @@ evaluated at θ* (+ δ), batched over many vectors with `torch.func.vmap`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from ..errors import TaskError
 from .config import AttributionConfig, Curvature
 from .documents import MinibatchSequence
-from .errors import TaskError
-from .functional import TaskFunction, evaluation_mode, differentiable_attention
+from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import AttributionConfig
-from .documents import DocumentSet
-from .readout import ForwardReadout
-from .simulate import simulate_responses
-from .subspace import AttributionSubspace
-from .task import CausalLMTask, ClassificationTask
+from ..estimator.config import AttributionConfig
+from ..estimator.documents import DocumentSet
+from ..estimator.simulate import simulate_responses
+from ..estimator.subspace import AttributionSubspace
+from ..estimator.task import CausalLMTask, ClassificationTask
+from ..query.readout import ForwardReadout
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer
 
-    from .callback import ForwardAttributionCallback
+    from ..integrations.callback import ForwardAttributionCallback
     from .toy import fact_corpus, tiny_llama, train_tokenizer
 
     output_dir = Path(output_dir)

@@ -1,0 +1,85 @@
+"""`DocumentTable`: one row per document of an artifact (id, source, token count, metadata), in response-row order."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from ..errors import ArtifactError, DuplicateDocumentError
+from ..estimator.documents import DocumentSet
+
+DOCUMENTS_NAME = "documents.jsonl"
+
+
+@dataclass
+class DocumentTable:
+    """One row per document, in response-row order: id, source, token count and free metadata."""
+
+    document_ids: list[str]
+    sources: list[Optional[str]] = field(default_factory=list)
+    n_tokens: list[Optional[int]] = field(default_factory=list)
+    metadata: list[Optional[dict]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.document_ids = [str(d) for d in self.document_ids]
+        n = len(self.document_ids)
+        self.sources = list(self.sources) or [None] * n
+        self.n_tokens = list(self.n_tokens) or [None] * n
+        self.metadata = list(self.metadata) or [None] * n
+        if not len(self.sources) == len(self.n_tokens) == len(self.metadata) == n:
+            raise ArtifactError("The document table's columns (ids, sources, n_tokens, metadata) differ in length.")
+        duplicates = sorted(d for d, count in Counter(self.document_ids).items() if count > 1)
+        if duplicates:
+            raise DuplicateDocumentError(f"Document ids must be unique; repeated: {duplicates[:5]}.")
+
+    def __len__(self) -> int:
+        return len(self.document_ids)
+
+    @classmethod
+    def from_document_set(cls, documents: DocumentSet, n_tokens: Optional[Sequence[int]] = None, metadata=None) -> "DocumentTable":
+        """The table of a `DocumentSet` (token counts, if not given, are summed from `input_ids` of its chunks)."""
+        if n_tokens is None:
+            counts = [0] * len(documents)
+            for example, doc in zip(documents.examples, documents.example_document):
+                ids = example.get("input_ids") if isinstance(example, dict) else None
+                counts[doc] += len(ids) if ids is not None else 0
+            n_tokens = [c or None for c in counts]
+        return cls(list(documents.document_ids), list(documents.sources), list(n_tokens), list(metadata or []))
+
+    def select(self, rows: Sequence[int]) -> "DocumentTable":
+        """The rows at `rows`, in that order."""
+        return DocumentTable([self.document_ids[r] for r in rows], [self.sources[r] for r in rows],
+                             [self.n_tokens[r] for r in rows], [self.metadata[r] for r in rows])
+
+    def concat(self, other: "DocumentTable") -> "DocumentTable":
+        """This table followed by `other` (ids must stay unique)."""
+        return DocumentTable(self.document_ids + other.document_ids, self.sources + other.sources,
+                             self.n_tokens + other.n_tokens, self.metadata + other.metadata)
+
+    def source_names(self) -> list[str]:
+        """Distinct sources in order of first appearance (documents without a source are left out)."""
+        return list(dict.fromkeys(s for s in self.sources if s is not None))
+
+    def to_jsonl(self) -> str:
+        """The table as JSON lines (`documents.jsonl`), one row per document in tensor-row order."""
+        rows = zip(self.document_ids, self.sources, self.n_tokens, self.metadata)
+        return "".join(json.dumps({"document_id": d, "source": s, "n_tokens": t, "metadata": m}, sort_keys=True) + "\n" for d, s, t, m in rows)
+
+    @classmethod
+    def from_jsonl(cls, text: str) -> "DocumentTable":
+        """Parse `to_jsonl` output; a malformed line is refused with its number, duplicate ids by the constructor."""
+        ids, sources, tokens, metadata = [], [], [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids.append(row["document_id"])
+            except (ValueError, KeyError) as err:
+                raise ArtifactError(f"{DOCUMENTS_NAME} line {number} is not a document row ({err!r}).") from err
+            sources.append(row.get("source"))
+            tokens.append(row.get("n_tokens"))
+            metadata.append(row.get("metadata"))
+        return cls(ids, sources, tokens, metadata)
