@@ -16,7 +16,7 @@ import time
 import torch
 
 from hf_fwdattr import AttributionConfig, AttributionSubspace, CurvatureOperator, InfluenceArtifact, estimate_step_size, query_gradients, simulate_responses
-from hf_fwdattr.query.compress import _pearson_rows, _spearman_rows
+from hf_fwdattr.stats import pearson_rows, spearman_rows
 from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
 
 from .model import TASK
@@ -26,7 +26,7 @@ CURVATURE_SUBSETS = (128, 512, 2048, None)
 
 
 def _correlations(reference: torch.Tensor, other: torch.Tensor) -> dict:
-    return {"spearman": float(_spearman_rows(reference, other).mean()), "pearson": float(_pearson_rows(reference, other).mean()),
+    return {"spearman": float(spearman_rows(reference, other).nanmean()), "pearson": float(pearson_rows(reference, other).nanmean()),
             "pooled_pearson": float(torch.corrcoef(torch.stack([reference.flatten(), other.flatten()]))[0, 1])}
 
 

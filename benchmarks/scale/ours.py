@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import torch
 
 from hf_fwdattr import ArtifactScorer, AttributionConfig, AttributionSubspace, DocumentSet, InfluenceArtifact, build_influence_artifact, query_gradients
-from hf_fwdattr.query.compress import _pearson_rows, _spearman_rows, project, randomized_basis
+from hf_fwdattr.query.compress import project, randomized_basis, smallest_sufficient_rank
+from hf_fwdattr.stats import pearson_rows, spearman_rows
 from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
 
 from .model import TASK
@@ -62,21 +63,15 @@ def streamed_scores(gradients: torch.Tensor, artifact: InfluenceArtifact, chunk_
     return out
 
 
-def _ranks(scores: torch.Tensor) -> torch.Tensor:
-    ranks = scores.argsort(dim=1).argsort(dim=1).to(torch.float64)
-    ranks -= ranks.mean(1, keepdim=True)
-    return ranks / ranks.norm(dim=1, keepdim=True)
-
-
 def attach_basis(artifact: InfluenceArtifact, model, fidelity_queries: list, test_queries: list) -> tuple[dict, torch.Tensor]:
     """Build the compressed basis (rank ≤ MAX_RANK: the smallest rank whose mean Spearman against exact scores on the
     fidelity queries reaches FIDELITY_TARGET), save it with the artifact, and measure it on the test queries.
 
     The basis is exactly what `build_readout_basis(store, gradients, MAX_RANK, FIDELITY_TARGET)` computes — the same
-    randomized SVD (`randomized_basis`, seed 0) and projection (`project`) — but the rank is found by bisection
-    over the ranks instead of the library's scan of every rank 1 … k (two argsorts of a [Q, N] matrix per rank:
-    ~150 s of 180 s at N = 10⁴, k = 1,024, and ~25 min at N = 10⁵). Bisection assumes the fidelity grows with the
-    rank; `sweep` shows it does on this data. Returns (figures, exact scores of the test queries)."""
+    randomized SVD (`randomized_basis`, seed 0), projection (`project`) and rank bisection
+    (`smallest_sufficient_rank`) — taken apart to time each step and to sweep the test fidelity over ranks.
+    Bisection assumes the fidelity grows with the rank; `sweep` shows it does on this data.
+    Returns (figures, exact scores of the test queries)."""
     with AttributionSubspace.build(model) as subspace:
         fidelity_gradients = query_gradients(subspace, TASK, fidelity_queries, dtype=torch.float64)
         test_gradients = query_gradients(subspace, TASK, test_queries, dtype=torch.float64)
@@ -87,33 +82,27 @@ def attach_basis(artifact: InfluenceArtifact, model, fidelity_queries: list, tes
     svd_seconds, svd_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     exact_fidelity = streamed_scores(fidelity_gradients, artifact)
-    exact_ranks = _ranks(exact_fidelity)
     on_fidelity = fidelity_gradients @ directions
 
     def spearman(rank: int) -> float:
-        return float((exact_ranks * _ranks(on_fidelity[:, :rank] @ coefficients[:, :rank].T)).sum(1).mean())
+        return float(spearman_rows(exact_fidelity, on_fidelity[:, :rank] @ coefficients[:, :rank].T).nanmean())
 
     top = directions.shape[1]
-    lo, hi = 0, top  # fidelity(lo) < target (or lo = 0), fidelity(hi) >= target unless hi = top
-    if spearman(top) >= FIDELITY_TARGET:
-        while hi - lo > 1:
-            middle = (lo + hi) // 2
-            lo, hi = (lo, middle) if spearman(middle) >= FIDELITY_TARGET else (middle, hi)
-    chosen = hi
+    chosen = smallest_sufficient_rank(spearman, top, FIDELITY_TARGET)
     select_seconds = time.perf_counter() - start
     exact_test = streamed_scores(test_gradients, artifact)
     on_test = test_gradients @ directions
     sweep = {}
     for rank in sorted({r for r in SWEEP_RANKS if r <= top} | {chosen, top}):
         approximate = on_test[:, :rank] @ coefficients[:, :rank].T
-        sweep[str(rank)] = {"fidelity_spearman": spearman(rank), "test_spearman": float(_spearman_rows(exact_test, approximate).mean()),
-                            "test_pearson": float(_pearson_rows(exact_test, approximate).mean()),
+        sweep[str(rank)] = {"fidelity_spearman": spearman(rank), "test_spearman": float(spearman_rows(exact_test, approximate).nanmean()),
+                            "test_pearson": float(pearson_rows(exact_test, approximate).nanmean()),
                             "test_top10_overlap": top_overlap(exact_test, approximate, 10)}
     dtype = artifact.store.dtype
     basis = {"directions": directions[:, :chosen].T.contiguous().to(dtype), "coefficients": coefficients[:, :chosen].contiguous().to(dtype),
              "singular_values": singular_values[:chosen].contiguous().to(dtype)}
     artifact.set_readout_basis(basis, {"readout_basis_rank": chosen, "readout_basis_spearman": sweep[str(chosen)]["fidelity_spearman"],
-                                       "readout_basis_pearson": float(_pearson_rows(exact_fidelity, on_fidelity[:, :chosen] @ coefficients[:, :chosen].T).mean()),
+                                       "readout_basis_pearson": float(pearson_rows(exact_fidelity, on_fidelity[:, :chosen] @ coefficients[:, :chosen].T).nanmean()),
                                        "readout_basis_target": FIDELITY_TARGET, "readout_basis_heldout_queries": len(fidelity_queries)})
     artifact.save_pretrained(artifact.path)
     figures = {"svd_seconds": svd_seconds, "svd_cpu_seconds": svd_cpu_seconds, "rank_selection_seconds": select_seconds, "basis_seconds": svd_seconds + select_seconds,
@@ -206,8 +195,8 @@ def time_readouts(artifact: InfluenceArtifact, model, test_queries: list, single
         reference = scores[f"{kind} (jvp)"].to(torch.float64)
         for mode in READOUT_MODES[1:]:
             other = scores[f"{kind} ({mode})"].to(torch.float64)
-            modes[f"{kind} ({mode})"] = {"spearman_vs_jvp": float(_spearman_rows(reference, other).mean()) if reference.shape[1] > 1 else None,
-                                         "pearson_vs_jvp": float(_pearson_rows(reference, other).mean()),
+            modes[f"{kind} ({mode})"] = {"spearman_vs_jvp": float(spearman_rows(reference, other).nanmean()) if reference.shape[1] > 1 else None,
+                                         "pearson_vs_jvp": float(pearson_rows(reference, other).nanmean()),
                                          "max_relative_error": float(((other - reference).abs().max() / reference.abs().max()))}
     exact_jvp = scores["exact streamed (jvp)"].to(torch.float64)
     gradient = scores["gradient-based (backward + N dot products)"][:, :exact_rows]

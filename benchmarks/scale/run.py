@@ -73,9 +73,9 @@ def _memory(n: int, readout: str, queries: int) -> dict:
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> dict:
-    from hf_fwdattr.query.compress import _pearson_rows, _spearman_rows
+    from hf_fwdattr.stats import pearson_rows, spearman_rows
 
-    return {"spearman": float(_spearman_rows(a, b).mean()), "pearson": float(_pearson_rows(a, b).mean())}
+    return {"spearman": float(spearman_rows(a, b).nanmean()), "pearson": float(pearson_rows(a, b).nanmean())}
 
 
 def run_size(n: int, fidelity_size: int, tok) -> dict:

@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
+
+from .. import stats
 
 __all__ = [
     "CorrelationSummary",
@@ -57,44 +60,28 @@ def _array(values: Any, name: str, ndim: int) -> np.ndarray:
 
 def rank_average(values: np.ndarray) -> np.ndarray:
     """Ranks along the last axis (0-based), ties given the average of the ranks they span (as `scipy.stats.rankdata`)."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, axis=-1, kind="mergesort")
-    sorted_values = np.take_along_axis(values, order, axis=-1)
-    n = values.shape[-1]
-    ranks_sorted = np.empty_like(sorted_values)
-    flat_sorted = sorted_values.reshape(-1, n)
-    flat_ranks = ranks_sorted.reshape(-1, n)
-    for row, (vals, out) in enumerate(zip(flat_sorted, flat_ranks)):
-        starts = np.flatnonzero(np.r_[True, vals[1:] != vals[:-1]])
-        ends = np.r_[starts[1:], n]
-        out[:] = np.repeat((starts + ends - 1) / 2.0, ends - starts)
-    ranks = np.empty_like(values)
-    np.put_along_axis(ranks, order, ranks_sorted, axis=-1)
-    return ranks
+    return stats.average_ranks(torch.as_tensor(np.asarray(values, dtype=np.float64))).numpy()
 
 
-def pearson_per_row(a: Any, b: Any) -> np.ndarray:
-    """Pearson correlation of each row of `a` with the same row of `b` ([R, n] each → [R]); NaN for constant rows."""
+def _checked_pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     a, b = _array(a, "a", 2), _array(b, "b", 2)
     if a.shape != b.shape:
         raise EvaluationError(f"Expected arrays of one shape, got {a.shape} and {b.shape}.")
     if a.shape[1] < 2:
         raise EvaluationError(f"A correlation needs at least 2 values per row, got {a.shape[1]}.")
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    norms = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    scale = np.maximum(np.abs(a).max(axis=1), 1e-300) * np.maximum(np.abs(b).max(axis=1), 1e-300) * a.shape[1]
-    constant = norms <= 1e-12 * scale
-    with np.errstate(invalid="ignore", divide="ignore"):
-        correlation = (a * b).sum(axis=1) / norms
-    correlation[constant] = np.nan
-    return np.clip(correlation, -1.0, 1.0)
+    return a, b
+
+
+def pearson_per_row(a: Any, b: Any) -> np.ndarray:
+    """Pearson correlation of each row of `a` with the same row of `b` ([R, n] each → [R]); NaN for constant rows."""
+    a, b = _checked_pair(a, b)
+    return stats.pearson_rows(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def spearman_per_row(a: Any, b: Any) -> np.ndarray:
     """Spearman rank correlation (ties averaged) of each row of `a` with the same row of `b`; NaN for constant rows."""
-    a, b = _array(a, "a", 2), _array(b, "b", 2)
-    return pearson_per_row(rank_average(a), rank_average(b))
+    a, b = _checked_pair(a, b)
+    return stats.spearman_rows(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import ArtifactError
+from ..stats import pearson_rows, spearman_rows
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +60,22 @@ def project(store, directions: torch.Tensor, chunk_rows: int = 4096) -> torch.Te
     return torch.cat([block @ directions for block in _chunks(store, chunk_rows)])
 
 
-def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    def ranks(x: torch.Tensor) -> torch.Tensor:
-        return x.argsort(dim=1).argsort(dim=1).to(torch.float64)
+def smallest_sufficient_rank(fidelity_at: Callable[[int], float], max_rank: int, target: float) -> int:
+    """The smallest rank in 1 … `max_rank` whose `fidelity_at(rank)` reaches `target` (`max_rank` if none does).
 
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-300)
-
-
-def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    Bisection, assuming fidelity grows with the rank: ~log2(k) evaluations of an N × rank product instead of k,
+    which matters at N = 10⁵.
+    """
+    if fidelity_at(max_rank) < target:
+        return max_rank
+    low, high = 1, max_rank
+    while low < high:
+        middle = (low + high) // 2
+        if fidelity_at(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def build_readout_basis(store, query_gradients: torch.Tensor, max_rank: int, fidelity: float = 0.99, seed: int = 0,
@@ -97,25 +102,15 @@ def build_readout_basis(store, query_gradients: torch.Tensor, max_rank: int, fid
     on_basis = gradients @ directions  # [Q, k]
 
     def spearman_at(rank: int) -> float:
-        return float(_spearman_rows(exact, on_basis[:, :rank] @ coefficients[:, :rank].T).mean())
+        return float(spearman_rows(exact, on_basis[:, :rank] @ coefficients[:, :rank].T).nanmean())
 
-    # bisection for the smallest rank reaching the target (fidelity grows with the rank): ~log2(k) evaluations
-    # of an N × rank product instead of k, which matters at N = 10⁵
-    chosen, spearman = directions.shape[1], None
-    if spearman_at(chosen) >= fidelity:
-        low, high = 1, chosen
-        while low < high:
-            middle = (low + high) // 2
-            if spearman_at(middle) >= fidelity:
-                high = middle
-            else:
-                low = middle + 1
-        chosen, spearman = low, spearman_at(low)
+    chosen = smallest_sufficient_rank(spearman_at, directions.shape[1], fidelity)
+    spearman = spearman_at(chosen)
     approximate = on_basis[:, :chosen] @ coefficients[:, :chosen].T
     figures = {
         "readout_basis_rank": chosen,
-        "readout_basis_spearman": float(_spearman_rows(exact, approximate).mean()) if spearman is None else spearman,
-        "readout_basis_pearson": float(_pearson_rows(exact, approximate).mean()),
+        "readout_basis_spearman": spearman,
+        "readout_basis_pearson": float(pearson_rows(exact, approximate).nanmean()),
         "readout_basis_target": fidelity,
         "readout_basis_heldout_queries": int(len(gradients)),
     }
