@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
+
+from ..storage.table import source_positions, sum_by_source
 
 from .metrics import EvaluationError
 
@@ -49,20 +52,16 @@ def source_scores_from_documents(scores: Any, document_sources: Sequence[Optiona
     counterfactual effect of the whole source, what the per-source readout gives), or their maximum (``"max"``:
     the source of the best document)."""
     scores = _matrix(scores)
-    position = {name: i for i, name in enumerate(source_names)}
+    positions = source_positions(document_sources, source_names)
     if aggregate == "max":
         out = np.full((scores.shape[0], len(source_names)), -np.inf)
-        for row, source in enumerate(document_sources):
-            if source in position:
-                out[:, position[source]] = np.maximum(out[:, position[source]], scores[:, row])
+        for row, position in enumerate(positions.tolist()):
+            if position >= 0:
+                out[:, position] = np.maximum(out[:, position], scores[:, row])
         return out
     if aggregate != "sum":
         raise EvaluationError(f"`aggregate` must be 'sum' or 'max', got {aggregate!r}.")
-    membership = np.zeros((scores.shape[1], len(source_names)))
-    for row, source in enumerate(document_sources):
-        if source in position:
-            membership[row, position[source]] = 1.0
-    return scores @ membership
+    return sum_by_source(torch.from_numpy(scores).T, positions, len(source_names)).T.numpy()
 
 
 def top_choice_accuracy(scores: Any, true_index: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ from ..errors import ReadoutError
 from ..estimator.config import ReadoutMode, Solver
 from ..estimator.task import AttributionTask
 from ..storage.artifact import InfluenceArtifact
+from ..storage.table import sum_by_source
 from .readout import ForwardReadout
 
 
@@ -62,12 +63,8 @@ class ArtifactScorer:
             raise ReadoutError("The artifact's documents have no sources, so scores cannot be aggregated by source.")
         if self.linear:
             return self.readout.scores(queries, self.artifact.source_responses)
-        document_scores = self.document_scores(queries)
-        position = {name: i for i, name in enumerate(self.artifact.source_names)}
-        owners = torch.tensor([position.get(s, -1) for s in self.artifact.documents.sources], device=document_scores.device)
-        keep = owners >= 0  # documents without a source belong to none
-        summed = torch.zeros(document_scores.shape[0], len(position), dtype=document_scores.dtype, device=document_scores.device)
-        return summed.index_add_(1, owners[keep], document_scores[:, keep])
+        positions = self.artifact.documents.source_positions(self.artifact.source_names)
+        return sum_by_source(self.document_scores(queries).T, positions, len(self.artifact.source_names)).T
 
     def close(self) -> None:
         """Take a projection adapter out of the model again."""

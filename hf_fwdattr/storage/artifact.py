@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import ArtifactError, FingerprintMismatchError, SubspaceError
-from ..estimator.config import AttributionConfig
+from ..estimator.config import AttributionConfig, ReadoutMode
 from ..estimator.documents import DocumentSet
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
 from .shards import (
@@ -38,7 +38,7 @@ from .shards import (
     ShardWriter,
     write_json_atomic,
 )
-from .table import DOCUMENTS_NAME, DocumentTable
+from .table import DOCUMENTS_NAME, DocumentTable, sum_by_source
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +53,16 @@ _KNOWN_KEYS = {
 }
 
 
-def _sum_by_source(table: DocumentTable, store, chunk_rows: int = 4096) -> tuple[list[str], torch.Tensor]:
-    names = table.source_names()
-    sums = torch.zeros(len(names), store.dim, dtype=torch.float64)
-    if not names:
-        return names, sums.to(store.dtype)  # nothing to read
-    position = {name: i for i, name in enumerate(names)}
-    row = 0
-    for block in store.iter_chunks(chunk_rows):
-        owners = [position.get(s, -1) for s in table.sources[row : row + len(block)]]
-        keep = torch.tensor([o >= 0 for o in owners])
-        if keep.any():
-            sums.index_add_(0, torch.tensor(owners)[keep], block[keep].to(torch.float64))
-        row += len(block)
-    return names, sums.to(store.dtype)
+def summed_responses(table: DocumentTable, store, source_names: Sequence[str], chunk_rows: int = 4096) -> torch.Tensor:
+    """[len(source_names), dim]: each source's summed response, streamed over the rows of `store` (float64 sums)."""
+    positions = table.source_positions(source_names)
+    sums = torch.zeros(len(source_names), store.dim, dtype=torch.float64)
+    if len(source_names):
+        row = 0
+        for block in store.iter_chunks(chunk_rows):
+            sums += sum_by_source(block.to(torch.float64), positions[row : row + len(block)], len(source_names))
+            row += len(block)
+    return sums.to(store.dtype)
 
 
 def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, model_fingerprint: str, subspace_fingerprint: str) -> dict:
@@ -137,9 +133,11 @@ class InfluenceArtifact:
         self.base_model = dict(base_model or {})
         self.simulation = dict(simulation or {})
         self.fidelity = dict(fidelity or {})
-        if source_responses is None:
-            source_names, source_responses = _sum_by_source(documents, self._store)
-        self.source_names = list(source_names or [])
+        self.source_names = list(documents.source_names() if source_names is None else source_names)
+        if not self.sums_sources:
+            source_responses = None  # a nonlinear (removal) readout sums document scores instead
+        elif source_responses is None:
+            source_responses = summed_responses(documents, self._store, self.source_names)
         self.source_responses = source_responses
         self.readout_basis = readout_basis
         self.library_version = library_version
@@ -185,6 +183,12 @@ class InfluenceArtifact:
     def store(self):
         """Where the response rows are read from (`ShardedResponses`, `InMemoryResponses`, ...)."""
         return self._store
+
+    @property
+    def sums_sources(self) -> bool:
+        """Whether the artifact keeps each source's summed response: for linear readouts a source's score is the score
+        of that sum (one direction per source); the removal readout is nonlinear, so there it sums document scores."""
+        return self.config.readout is not ReadoutMode.REMOVAL
 
     def set_readout_basis(self, basis: dict[str, torch.Tensor], fidelity: dict[str, Any]) -> None:
         """Attach a compressed readout basis ({"directions": [k, p], "coefficients": [N, k], ...}) and its fidelity figures."""
@@ -259,16 +263,13 @@ class InfluenceArtifact:
         if added.dim != self.dim or added.num_rows != len(table):
             raise ArtifactError(f"New responses must have shape [{len(table)}, {self.dim}], got {tuple(responses.shape)}.")
         combined_table = self.documents.concat(table)
-        new_names, new_sums = _sum_by_source(table, added)
-        names = list(self.source_names)
-        sums = self.source_responses.to(torch.float64)
-        for name, row in zip(new_names, new_sums.to(torch.float64)):
-            if name in names:
-                sums[names.index(name)] += row
-            else:
-                names.append(name)
-                sums = torch.cat([sums, row[None]])
-        return self._replace(combined_table, ComposedResponses([(self._store, None), (added, None)]), names, sums.to(self._store.dtype))
+        names = self.source_names + [name for name in table.source_names() if name not in self.source_names]
+        sums = None
+        if self.sums_sources:
+            sums = summed_responses(table, added, names).to(torch.float64)
+            sums[: len(self.source_names)] += self.source_responses.to(torch.float64)
+            sums = sums.to(self._store.dtype)
+        return self._replace(combined_table, ComposedResponses([(self._store, None), (added, None)]), names, sums)
 
     def remove_documents(self, document_ids: Sequence[str]) -> "InfluenceArtifact":
         """A new artifact without the given documents; the rest are kept as stored (source sums recomputed exactly)."""
@@ -280,9 +281,7 @@ class InfluenceArtifact:
         if not keep:
             raise ArtifactError("Removing these documents would leave the artifact empty.")
         table = self.documents.select(keep)
-        store = ComposedResponses([(self._store, torch.tensor(keep))])
-        names, sums = _sum_by_source(table, store)
-        return self._replace(table, store, names, sums)
+        return self._replace(table, ComposedResponses([(self._store, torch.tensor(keep))]), None, None)
 
     def _replace(self, table, store, names, sums) -> "InfluenceArtifact":
         if self.readout_basis is not None:
@@ -342,7 +341,7 @@ class InfluenceArtifact:
             for index, lo, hi in writer.pending():
                 writer.write(index, self._store.rows(list(range(lo, hi))))
             writer.finish()
-        if self.source_names:
+        if self.source_responses is not None and self.source_names:
             save_file({"responses": self.source_responses.contiguous()}, str(directory / (SOURCES_NAME + ".tmp")), metadata={"format": "pt"})
             os.replace(directory / (SOURCES_NAME + ".tmp"), directory / SOURCES_NAME)
         if self.readout_basis is not None:
@@ -398,9 +397,13 @@ class InfluenceArtifact:
             raise ArtifactError(f"{directory} has no {DOCUMENTS_NAME}; the artifact is incomplete.")
         documents = DocumentTable.from_jsonl(documents_path.read_text(encoding="utf-8"))
         store = ShardedResponses.open(directory)
+        try:
+            config = AttributionConfig.from_dict(meta["estimator"])
+        except KeyError as err:
+            raise ArtifactError(f"{config_path} lacks the entry {err}; the artifact is incomplete.") from err
         source_names = meta.get("sources") or []
         source_responses = None
-        if source_names:
+        if source_names and config.readout is not ReadoutMode.REMOVAL:
             source_responses = _load_tensor(directory / SOURCES_NAME, "responses")
             if tuple(source_responses.shape) != (len(source_names), store.dim):
                 raise ArtifactError(f"{SOURCES_NAME} has shape {tuple(source_responses.shape)}, expected [{len(source_names)}, {store.dim}].")
@@ -410,7 +413,7 @@ class InfluenceArtifact:
                 basis = {k: handle.get_tensor(k) for k in handle.keys()}
         try:
             return cls(
-                config=AttributionConfig.from_dict(meta["estimator"]),
+                config=config,
                 subspace_spec=SubspaceSpec.from_dict(meta["subspace"]),
                 documents=documents,
                 responses=store,

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
+
 from ..errors import ArtifactError, DuplicateDocumentError
 from ..estimator.documents import DocumentSet
 
@@ -62,6 +64,10 @@ class DocumentTable:
         """Distinct sources in order of first appearance (documents without a source are left out)."""
         return list(dict.fromkeys(s for s in self.sources if s is not None))
 
+    def source_positions(self, source_names: Sequence[str]) -> torch.Tensor:
+        """For each document, the position of its source in `source_names` (-1: no source, or one not listed)."""
+        return source_positions(self.sources, source_names)
+
     def to_jsonl(self) -> str:
         """The table as JSON lines (`documents.jsonl`), one row per document in tensor-row order."""
         rows = zip(self.document_ids, self.sources, self.n_tokens, self.metadata)
@@ -83,3 +89,18 @@ class DocumentTable:
             tokens.append(row.get("n_tokens"))
             metadata.append(row.get("metadata"))
         return cls(ids, sources, tokens, metadata)
+
+
+def source_positions(document_sources: Sequence[Optional[str]], source_names: Sequence[str]) -> torch.Tensor:
+    """[N] long: the position of each document's source in `source_names`, -1 where it has none listed."""
+    position = {name: i for i, name in enumerate(source_names)}
+    return torch.tensor([position.get(source, -1) for source in document_sources], dtype=torch.long)
+
+
+def sum_by_source(values: torch.Tensor, positions: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """Rows of `values` [N, ...] summed into [num_sources, ...] by `positions` (`source_positions`); rows at -1 are
+    left out. Scores and responses are linear in up-weighting, so this is a source's score or summed response."""
+    positions = positions.to(values.device)
+    keep = positions >= 0
+    summed = torch.zeros(num_sources, *values.shape[1:], dtype=values.dtype, device=values.device)
+    return summed.index_add_(0, positions[keep], values[keep])
