@@ -94,7 +94,9 @@ def test_lora_finetune_writes_an_artifact_whose_top_proponent_states_the_fact(ba
     artifact = InfluenceArtifact.from_pretrained(tmp_path / "influence")
     assert artifact.num_documents == len(dataset) and artifact.subspace_spec.kind.value == "peft"
     assert artifact.documents.document_ids == dataset["document_id"] and artifact.documents.sources == dataset["source"]
-    assert artifact.simulation["cost_vs_training"] > 0 and artifact.simulation["step_size"] > 0
+    assert artifact.simulation["cost_vs_training"] > 0
+    # the unlearning solver takes Adam steps at unlearning_rate: it has no η of the recursion
+    assert artifact.simulation["step_size"] is None if solver == "unlearning" else artifact.simulation["step_size"] > 0
     assert artifact.config.readout.value == ("removal" if solver == "unlearning" else "jvp")
     assert _top_document_accuracy(artifact, model, tokenizer, corpus["questions"]) >= 0.8
 
@@ -160,7 +162,7 @@ def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solv
     one = build_influence_artifact(model, CausalLMTask(pad_token_id=tokenizer.pad_token_id), prepared.documents, examples_from_dataset(dataset),
                                    tmp_path / "one", two.config, progress=False)
     assert one.model_fingerprint == two.model_fingerprint and one.subspace_fingerprint == two.subspace_fingerprint
-    assert one.step_size == pytest.approx(two.step_size, rel=1e-6)
+    assert one.step_size == two.step_size if solver == "unlearning" else one.step_size == pytest.approx(two.step_size, rel=1e-6)
     # each process estimates the eigenbasis itself, with its own thread count: float32 rounding differs slightly
     torch.testing.assert_close(one.responses(), two.responses(), rtol=1e-4, atol=1e-6)
 

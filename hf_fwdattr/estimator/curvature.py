@@ -7,13 +7,13 @@ evaluated at θ* (+ δ), batched over many vectors with `torch.func.vmap`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ..errors import TaskError
-from .config import AttributionConfig, Curvature
+from ..errors import SimulationDivergedError, TaskError
+from .config import AttributionConfig, Curvature, Solver
 from .documents import MinibatchSequence
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .subspace import AttributionSubspace
@@ -90,16 +90,37 @@ def estimate_step_size(
     task,
     train_examples: Sequence[Any],
     config: AttributionConfig,
-) -> tuple[float, float]:
-    """(η, h_max): h_max is the largest |eigenvalue| of the curvature over the first minibatches of the
-    simulation's sequence; η = step_size_fraction / (h_max + λ + weight_decay), so η(h_max + λ + weight_decay) < 2."""
-    sequence = MinibatchSequence(len(train_examples), config.batch_size, config.seed)
-    h_max = 0.0
-    count = 1 if sequence.full_batch else config.power_iteration_batches
-    for index, batch_indices in enumerate(sequence.indices(count)):
-        batch = task.collate([train_examples[i] for i in batch_indices])
-        operator = CurvatureOperator(subspace, task, batch, config.curvature, config.compute_dtype)
-        h_max = max(h_max, abs(top_eigenvalue(operator, config.power_iterations, seed=config.seed + index)))
-    step_size = config.step_size_fraction / (h_max + config.curvature_shift)
-    logger.info("Estimated h_max = %.4g over %d minibatch(es); step size η = %.4g.", h_max, count, step_size)
+    eigenbasis: Any = None,
+) -> tuple[Optional[float], Optional[float]]:
+    """(η, h_max): the step size the simulation runs with, and the curvature estimate it comes from.
+
+    h_max is the largest eigenvalue of `eigenbasis` when given (the closed form's full-batch curvature), else the
+    largest |eigenvalue| found by power iteration over the first minibatches of the simulation's sequence. With
+    step_size='auto', η = step_size_fraction / (h_max + λ + weight_decay); a fixed η with η(h_max + λ + weight_decay)
+    >= 2 would make the recursion diverge and is refused before any simulation. The unlearning solver takes no
+    such step (its Adam rate is `unlearning_rate`): (None, None).
+    """
+    if config.solver is Solver.UNLEARNING:
+        return None, None
+    shift = config.curvature_shift
+    if eigenbasis is not None:
+        h_max = float(eigenbasis.max_eigenvalue)
+    else:
+        sequence = MinibatchSequence(len(train_examples), config.batch_size, config.seed)
+        count = 1 if sequence.full_batch else config.power_iteration_batches
+        h_max = 0.0
+        for index, batch_indices in enumerate(sequence.indices(count)):
+            batch = task.collate([train_examples[i] for i in batch_indices])
+            operator = CurvatureOperator(subspace, task, batch, config.curvature, config.compute_dtype)
+            h_max = max(h_max, abs(top_eigenvalue(operator, config.power_iterations, seed=config.seed + index)))
+        logger.info("Estimated h_max = %.4g over %d minibatch(es).", h_max, count)
+    if config.automatic_step_size:
+        return config.step_size_fraction / (h_max + shift), h_max
+    step_size = float(config.step_size)
+    if step_size * (h_max + shift) >= 2:
+        raise SimulationDivergedError(
+            f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (h_max + shift):.3g} >= 2 "
+            f"(h_max ≈ {h_max:.4g}, λ + weight_decay = {shift:.4g}). Use step_size < {2 / (h_max + shift):.4g}, "
+            "step_size='auto', or raise `damping`."
+        )
     return step_size, h_max

@@ -52,15 +52,16 @@ class SimulationResult:
 
     Attributes:
         responses: [n_documents, dim] responses u_b, rows in the order of the documents simulated.
-        gradients: [n_documents, dim] document gradients g_b (the responses' inputs).
-        step_size: η used.
+        gradients: [n_documents, dim] document gradients g_b (the responses' inputs); None for the unlearning solver,
+            whose removal response does not start from them.
+        step_size: η used (None for the unlearning solver, which takes Adam steps at `config.unlearning_rate`).
         top_eigenvalue: the h_max estimate η was derived from (None when η was given).
         seconds: wall time of the simulation, gradients included.
     """
 
     responses: torch.Tensor
-    gradients: torch.Tensor
-    step_size: float
+    gradients: Optional[torch.Tensor]
+    step_size: Optional[float]
     top_eigenvalue: Optional[float]
     seconds: float
 
@@ -111,7 +112,8 @@ def simulate_responses(
         train_examples: the training examples the minibatches are drawn from.
         config: estimator settings.
         document_indices: simulate only these documents (rows of the result in this order).
-        step_size: η to use, overriding `config.step_size` (e.g. one estimated once for all processes).
+        step_size: η to use, overriding `config.step_size` (e.g. one estimated once for all processes); ignored by the
+            unlearning solver.
         gradient_method: how per-example gradients are computed.
         progress: show progress bars.
         eigenbasis: closed_form solver: a precomputed `ExplicitEigenbasis` / `KroneckerEigenbasis`
@@ -127,29 +129,23 @@ def simulate_responses(
     dtype = config.compute_dtype
     start = time.perf_counter()
 
-    top = None
-    if config.solver is Solver.UNLEARNING:
-        step_size = config.unlearning_rate if step_size is None else step_size
     if config.solver is Solver.CLOSED_FORM and eigenbasis is None:
         eigenbasis = estimate_eigenbasis(subspace, task, train_examples, config, progress)
+    top = None
     if step_size is None:
-        if config.automatic_step_size and eigenbasis is not None:
-            top = eigenbasis.max_eigenvalue
-            step_size = config.step_size_fraction / (top + config.curvature_shift)
-        elif config.automatic_step_size:
-            step_size, top = estimate_step_size(subspace, task, train_examples, config)
-        else:
-            step_size = float(config.step_size)
+        step_size, top = estimate_step_size(subspace, task, train_examples, config, eigenbasis)
 
-    gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
-    if config.solver is Solver.CLOSED_FORM:
-        responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
-    elif config.solver is Solver.UNLEARNING:
-        responses = _unlearning(subspace, task, documents, rows, train_examples, sequence, gradients.dtype, config, step_size, progress)
-    elif config.solver is Solver.LINEARIZED:
-        responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
+    if config.solver is Solver.UNLEARNING:
+        gradients = None  # the removal response needs no first-order gradient
+        responses = _unlearning(subspace, task, documents, rows, train_examples, sequence, dtype, config, progress)
     else:
-        responses = _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress)
+        gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
+        if config.solver is Solver.CLOSED_FORM:
+            responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
+        elif config.solver is Solver.LINEARIZED:
+            responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
+        else:
+            responses = _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress)
     seconds = time.perf_counter() - start
     return SimulationResult(responses.to(config.torch_dtype), gradients, step_size, top, seconds)
 
@@ -187,12 +183,13 @@ def _linearized(subspace, task, gradients, train_examples, sequence, config, ste
     return responses
 
 
-def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], train_examples, sequence, dtype, config, rate: float,
+def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], train_examples, sequence, dtype, config,
                 progress) -> torch.Tensor:
     """Per document, K Adam steps on −L_b + retain · (mean loss of minibatch k) from θ*; returns θ* − θ_K."""
     function = TaskFunction(subspace, task.train_loss)
     device = subspace.device
     beta1, beta2, tiny = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+    rate = config.unlearning_rate
     retain = float(config.unlearning_retain)
     batches = [task.collate([train_examples[i] for i in indices]) for indices in sequence.indices(config.horizon)] if retain else []
     chunks_of = _chunks_by_document(documents, rows)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from ..storage.table import source_positions, sum_by_source
-
 from .metrics import EvaluationError
 
 __all__ = ["reciprocal_ranks", "recall_at_k", "source_scores_from_documents", "summarize", "top_choice_accuracy", "true_document_ranks"]

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArtifactError, SimulationDivergedError
+from ..errors import ArtifactError
 from ..estimator.config import AttributionConfig, Solver
 from ..estimator.curvature import estimate_step_size
 from ..estimator.documents import DocumentSet
@@ -66,29 +66,6 @@ class _Processes:
         return holder[0]
 
 
-def check_step_size(subspace, task, train_examples, config: AttributionConfig, eigenbasis=None) -> tuple[float, Optional[float]]:
-    """η to simulate with, and h_max (from `eigenbasis` when given, else by power iteration).
-    A fixed η with η(h_max + λ) >= 2 is refused before any simulation. The unlearning solver's η is its Adam rate."""
-    if config.solver is Solver.UNLEARNING:
-        return float(config.unlearning_rate), None
-    shift = config.curvature_shift
-    if eigenbasis is not None:
-        top = eigenbasis.max_eigenvalue
-    elif config.automatic_step_size:
-        return estimate_step_size(subspace, task, train_examples, config)
-    else:
-        _, top = estimate_step_size(subspace, task, train_examples, AttributionConfig(**{**config.to_dict(), "step_size": "auto"}))
-    if config.automatic_step_size:
-        return config.step_size_fraction / (top + shift), top
-    step_size = float(config.step_size)
-    if step_size * (top + shift) >= 2:
-        raise SimulationDivergedError(
-            f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (top + shift):.3g} >= 2 "
-            f"(h_max ≈ {top:.4g}, λ = {shift:.4g}). Use step_size < {2 / (top + shift):.4g}, or step_size='auto'."
-        )
-    return step_size, top
-
-
 def build_influence_artifact(
     model: torch.nn.Module,
     task,
@@ -134,7 +111,7 @@ def build_influence_artifact(
         table = DocumentTable.from_document_set(documents, n_tokens, metadata)
         # every process estimates the (deterministic) eigenbasis itself rather than receiving it
         eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
-        step_size, top = processes.broadcast(check_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
+        step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
         settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
         identity = {**shard_identity(settings, table.document_ids), "step_size": step_size}
         dtype = config.torch_dtype

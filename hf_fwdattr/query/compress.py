@@ -10,7 +10,7 @@ for that check come from backward passes, which is fine at training time.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 

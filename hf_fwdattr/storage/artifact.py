@@ -457,7 +457,7 @@ class InfluenceArtifact:
             curvature=self.config.curvature.value,
             horizon=self.config.horizon,
             damping=self.config.damping,
-            step_size=self.step_size,
+            step_size=self.step_size if self.step_size is not None else f"none: {self.config.horizon} Adam steps at rate {self.config.unlearning_rate}",
             batch_size=self.config.batch_size,
             dtype=str(self._store.dtype).replace("torch.", ""),
             library_version=self.library_version,
