@@ -6,17 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import lm_examples, lm_queries, make_lm
 
 from hf_fwdattr import AttributionSubspace, CausalLMTask
+from hf_fwdattr.demo.toy import fact_corpus
 from hf_fwdattr.estimator.config import Curvature
 from hf_fwdattr.estimator.curvature import CurvatureOperator
 from hf_fwdattr.estimator.documents import DocumentSet
-from hf_fwdattr.evaluation.fact_metrics import reciprocal_ranks, recall_at_k, source_scores_from_documents, summarize, true_document_ranks
+from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis
+from hf_fwdattr.evaluation.baselines import BM25Scores, damped_influence_scores, damped_solve, gradient_dot_scores
 from hf_fwdattr.evaluation.fact_data import FactTracingDataError, FactTracingSet, tokenized_documents
-from hf_fwdattr.evaluation.baselines import BM25Scores, CurvatureEigensystem, damped_influence_scores, damped_solve, gradient_dot_scores
-from hf_fwdattr.demo.toy import fact_corpus
-
-from conftest import lm_examples, lm_queries, make_lm
+from hf_fwdattr.evaluation.fact_metrics import recall_at_k, reciprocal_ranks, source_scores_from_documents, summarize, true_document_ranks
 
 
 # ---------------------------------------------------------------------- metrics on known answers
@@ -107,7 +107,7 @@ def small_lm():
 def test_conjugate_gradients_and_eigensystem_match_an_explicit_solve(small_lm):
     _, subspace, task, _, train, queries = small_lm
     operator = CurvatureOperator(subspace, task, task.collate(train), Curvature.GGN, torch.float64)
-    eigensystem = CurvatureEigensystem.build(operator)
+    eigensystem = ExplicitEigenbasis.from_operator(operator)
     dim = subspace.dim
     matrix = operator.matvec(torch.eye(dim, dtype=torch.float64))
     right = torch.randn(3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -10,8 +10,8 @@ Then evaluate the model `hf-fwdattr demo --output-dir runs/demo` leaves, as a us
 
 import sys
 
-from hf_fwdattr.evaluation.fact_data import FactTracingSet
 from hf_fwdattr.demo.toy import fact_corpus
+from hf_fwdattr.evaluation.fact_data import FactTracingSet
 
 if __name__ == "__main__":
     documents, queries = FactTracingSet.from_corpus(fact_corpus()).save(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/data")

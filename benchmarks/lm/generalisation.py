@@ -24,11 +24,11 @@ def main() -> None:
     from transformers import Trainer
     from transformers.utils import logging as hf_logging
 
-    from hf_fwdattr.demo.run import LORA_TARGETS, _collator, _training_arguments
+    from hf_fwdattr.demo.run import LORA_TARGETS, collator, training_arguments
+    from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
+    from hf_fwdattr.estimator.task import CausalLMTask
     from hf_fwdattr.evaluation.fact_data import FactTracingSet, query_examples
     from hf_fwdattr.evaluation.fact_tracing import EVALUATION_CORPUS, answer_statistics
-    from hf_fwdattr.estimator.task import CausalLMTask
-    from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=64)
@@ -48,18 +48,18 @@ def main() -> None:
     model = tiny_llama(len(tokenizer), hidden_size=args.hidden, layers=2, heads=4, seed=args.seed).train()
 
     def quiet(tmp, epochs, learning_rate, batch_size):
-        training_arguments = _training_arguments(tmp, epochs, learning_rate, batch_size, args.seed)
-        training_arguments.disable_tqdm, training_arguments.logging_steps = True, 100_000
-        return training_arguments
+        arguments = training_arguments(tmp, epochs, learning_rate, batch_size, args.seed)
+        arguments.disable_tqdm, arguments.logging_steps = True, 100_000
+        return arguments
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(model=model, args=quiet(tmp, args.pretrain_epochs, args.pretrain_lr, 16),
-                train_dataset=Dataset.from_list([{"input_ids": encode(t)} for t in corpus["pretraining"]]), data_collator=_collator(task)).train()
+                train_dataset=Dataset.from_list([{"input_ids": encode(t)} for t in corpus["pretraining"]]), data_collator=collator(task)).train()
         pretrained = time.perf_counter()
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
         Trainer(model=model, args=quiet(tmp, 30, args.finetune_lr, 8),
-                train_dataset=Dataset.from_list([{"input_ids": encode(d["text"])} for d in documents]), data_collator=_collator(task)).train()
+                train_dataset=Dataset.from_list([{"input_ids": encode(d["text"])} for d in documents]), data_collator=collator(task)).train()
     data = FactTracingSet.from_corpus(corpus)
     log_probs, answered = answer_statistics(model.eval(), task, query_examples(data, tokenizer))
     kinds = np.array(data.kinds)

@@ -44,15 +44,15 @@ def retrain(model_dir: Path, rows: list[dict], seed: int, task, epochs: int = 30
     from transformers import Trainer
     from transformers.utils import logging as hf_logging
 
-    from hf_fwdattr.demo.run import LORA_TARGETS, _collator, _training_arguments
+    from hf_fwdattr.demo.run import LORA_TARGETS, collator, training_arguments
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(seed)
     model = get_peft_model(load_base(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
     with tempfile.TemporaryDirectory() as tmp:
-        args = _training_arguments(Path(tmp), epochs, learning_rate, 8, seed)
+        args = training_arguments(Path(tmp), epochs, learning_rate, 8, seed)
         args.disable_tqdm, args.logging_steps = True, 10_000
-        Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=_collator(task)).train()
+        Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator(task)).train()
     return model.eval()
 
 

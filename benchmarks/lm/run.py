@@ -37,11 +37,11 @@ from benchmarks.lm.ground_truth import generate
 from benchmarks.lm.setup import CACHE, NAME, evaluation_setup
 from hf_fwdattr import ArtifactError, InfluenceArtifact, build_influence_artifact
 from hf_fwdattr.estimator.curvature import CurvatureOperator
-from hf_fwdattr.evaluation.metrics import lds, split_half_ceiling
+from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, horizon_filter
+from hf_fwdattr.estimator.subspace import SubspaceSpec, canonical_name
 from hf_fwdattr.evaluation.fact_metrics import reciprocal_ranks, source_scores_from_documents, top_choice_accuracy
 from hf_fwdattr.evaluation.fact_tracing import evaluate_fact_tracing, format_table
-from hf_fwdattr.evaluation.baselines import CurvatureEigensystem
-from hf_fwdattr.estimator.subspace import SubspaceSpec, canonical_name
+from hf_fwdattr.evaluation.metrics import lds, split_half_ceiling
 
 SMALL_SUBSPACE = "lora_B of mlp.down_proj (both layers)"
 
@@ -61,16 +61,16 @@ def small_artifact(setup: dict, log) -> InfluenceArtifact:
     return small
 
 
-def small_eigensystem(setup: dict, small: InfluenceArtifact, log) -> CurvatureEigensystem:
+def small_eigensystem(setup: dict, small: InfluenceArtifact, log) -> ExplicitEigenbasis:
     """The explicit full-batch curvature (the artifact's kind) in the small subspace, eigendecomposed; cached."""
     path = CACHE / NAME / f"small_{small.config.curvature.value}_eigensystem.safetensors"
     if path.is_file():
         tensors = load_file(path)
-        return CurvatureEigensystem(tensors["eigenvalues"], tensors["eigenvectors"], float(tensors["seconds"]))
+        return ExplicitEigenbasis(tensors["eigenvalues"], tensors["eigenvectors"], float(tensors["seconds"]))
     subspace = small.bind(setup["model"])
     task, examples = setup["task"], setup["document_set"].examples
     operator = CurvatureOperator(subspace, task, task.collate(list(examples)), small.config.curvature, torch.float64)
-    system = CurvatureEigensystem.build(operator)
+    system = ExplicitEigenbasis.from_operator(operator)
     save_file({"eigenvalues": system.eigenvalues, "eigenvectors": system.eigenvectors.contiguous(),
                "seconds": torch.tensor(system.seconds)}, str(path), metadata={"format": "pt"})
     log(f"explicit curvature (p = {subspace.dim}) built and eigendecomposed in {system.seconds:.0f}s")
@@ -113,7 +113,7 @@ def lds_table(named_scores: dict[str, torch.Tensor], truth: dict, kinds: list[st
     return {"methods": table, "ceiling": ceiling}
 
 
-def horizon_sweep(setup: dict, small: InfluenceArtifact, system: CurvatureEigensystem, result, truth: dict) -> list[dict]:
+def horizon_sweep(setup: dict, small: InfluenceArtifact, system: ExplicitEigenbasis, result, truth: dict) -> list[dict]:
     """MRR and LDS of the K-step filter (−(1 − (1 − η(h + λ))^K)/(h + λ) per eigenvalue h) for several K and λ."""
     from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
 
@@ -127,11 +127,7 @@ def horizon_sweep(setup: dict, small: InfluenceArtifact, system: CurvatureEigens
     rows = []
     for damping in (1e-3, 1e-2, 1e-1, 1.0):
         for horizon in (1, 10, 30, 100, 300, 1000, None):
-            if horizon is None:
-                spectral = lambda h: 1.0 / (h + damping)  # noqa: E731
-            else:
-                spectral = lambda h: (1 - (1 - step * (h + damping)) ** horizon) / (h + damping)  # noqa: E731
-            scores = -(system.filtered(g_queries, spectral) @ g_docs.T)
+            scores = system.filter(g_queries, horizon_filter(step, horizon, damping)) @ g_docs.T
             entry = {"damping": damping, "horizon": horizon or "inf"}
             reciprocal = reciprocal_ranks(scores.numpy(), result.true_index)
             for kind in dict.fromkeys(kinds.tolist()):

@@ -21,9 +21,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_fwdattr import CausalLMTask, InfluenceArtifact, build_influence_artifact
+    from hf_fwdattr.estimator.subspace import SubspaceSpec, canonical_name
     from hf_fwdattr.evaluation.fact_data import FactTracingSet, tokenized_documents
     from hf_fwdattr.evaluation.fact_tracing import evaluate_fact_tracing, format_table
-    from hf_fwdattr.estimator.subspace import SubspaceSpec, canonical_name
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evaluation_dir", type=Path, help="an `hf-fwdattr evaluate --output-dir` folder of a default run")

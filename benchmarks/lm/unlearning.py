@@ -30,10 +30,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_fwdattr import AttributionConfig, CausalLMTask, ForwardReadout, InfluenceArtifact, simulate_responses
-    from hf_fwdattr.evaluation.metrics import lds
     from hf_fwdattr.evaluation.fact_data import FactTracingSet, query_examples, tokenized_documents
     from hf_fwdattr.evaluation.fact_metrics import source_scores_from_documents, summarize
     from hf_fwdattr.evaluation.fact_tracing import query_groups
+    from hf_fwdattr.evaluation.metrics import lds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)

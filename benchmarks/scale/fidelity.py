@@ -16,8 +16,8 @@ import time
 import torch
 
 from hf_fwdattr import AttributionConfig, AttributionSubspace, CurvatureOperator, InfluenceArtifact, estimate_step_size, query_gradients, simulate_responses
-from hf_fwdattr.stats import pearson_rows, spearman_rows
 from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
+from hf_fwdattr.stats import pearson_rows, spearman_rows
 
 from .model import TASK
 from .ours import DAMPING, HORIZON, closed_form_config

@@ -16,9 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from hf_fwdattr import ArtifactScorer, AttributionConfig, AttributionSubspace, DocumentSet, InfluenceArtifact, build_influence_artifact, query_gradients
+from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
 from hf_fwdattr.query.compress import project, randomized_basis, smallest_sufficient_rank
 from hf_fwdattr.stats import pearson_rows, spearman_rows
-from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
 
 from .model import TASK
 

@@ -16,7 +16,6 @@ import copy
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -74,11 +73,11 @@ def kronfluence_peer(model, examples: list[dict], curvature_indices: list[int], 
     """EK-FAC factors on the curvature examples (precompute), then pairwise scores of the queries against the first
     `train_rows` documents: a batch of 16 queries, and single queries against the first `single_rows` documents.
     Kronfluence keeps no per-document state: every query batch recomputes the training gradients."""
+    import logging
+
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
-
-    import logging
 
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -113,10 +112,9 @@ def kronfluence_peer(model, examples: list[dict], curvature_indices: list[int], 
 def bergson_peer(model, examples: list[dict], queries: list[dict], output_dir: Path) -> dict:
     """Bergson's gradient index of every document (per-document LoRA gradients, no projection: p is small), then
     `Attributor.trace` per query: one backward pass, dot products with the whole index (no preconditioner)."""
-    from datasets import Dataset
-
     from bergson import Attributor, GradientProcessor, IndexConfig, collect_gradients
     from bergson.utils.peft import detect_peft_modules
+    from datasets import Dataset
 
     shutil.rmtree(output_dir, ignore_errors=True)
     shutil.rmtree(Path(str(output_dir) + ".part"), ignore_errors=True)

@@ -121,9 +121,9 @@ def run_size(n: int, fidelity_size: int, tok) -> dict:
 
     def kronfluence():
         rows = min(n, KRONFLUENCE_MAX_ROWS)
-        from hf_fwdattr.estimator.eigenbasis import _subset
+        from hf_fwdattr.estimator.eigenbasis import curvature_subset
 
-        indices = _subset(list(range(n)), CURVATURE_EXAMPLES, seed=0)  # the same examples our EK-FAC is estimated on
+        indices = curvature_subset(list(range(n)), CURVATURE_EXAMPLES, seed=0)  # the same examples our EK-FAC is estimated on
         value = peers.kronfluence_peer(model, examples, indices, test_queries, rows, directory / "kronfluence", ours.DAMPING, single_rows=rows)
         scores = value.pop("scores")
         value["vs_ours_exact"] = _spearman(reference_scores(rows), scores)

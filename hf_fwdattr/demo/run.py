@@ -71,14 +71,17 @@ def classifier_demo(output_dir: str | Path | None = None, seed: int = 0, top_k: 
 
 
 # ---------------------------------------------------------------------- the fact demo
-def _collator(task: CausalLMTask):
+def collator(task: CausalLMTask):
+    """A Trainer data collator that keeps only `input_ids` of each row (ids and sources stay out of the forward)."""
+
     def collate(rows):
         return task.collate([{"input_ids": row["input_ids"]} for row in rows])
 
     return collate
 
 
-def _training_arguments(output_dir: Path, epochs: int, learning_rate: float, batch_size: int, seed: int, **kwargs):
+def training_arguments(output_dir: Path, epochs: int, learning_rate: float, batch_size: int, seed: int, **kwargs):
+    """The demo's `TrainingArguments`: linear schedule, no checkpoints, no reporting, CPU unless CUDA is there."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -112,8 +115,8 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
     print(f"[1/3] Pre-training a tiny Llama from scratch on {len(corpus['pretraining'])} texts about other invented places…")
     base = tiny_llama(len(tokenizer), hidden_size=hidden_size, layers=2, heads=4, seed=seed).train()
     pretraining = Dataset.from_list([{"input_ids": encode(t)} for t in corpus["pretraining"]])
-    Trainer(model=base, args=_training_arguments(output_dir / "pretraining", pretrain_epochs, 3e-3, 16, seed),
-            train_dataset=pretraining, data_collator=_collator(task)).train()
+    Trainer(model=base, args=training_arguments(output_dir / "pretraining", pretrain_epochs, 3e-3, 16, seed),
+            train_dataset=pretraining, data_collator=collator(task)).train()
     model_dir = output_dir / "model"
     base.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -128,8 +131,8 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
         config=config or AttributionConfig(damping=1e-3, batch_size=16),  # closed form, K = 3000, JVP readout
     )
     trainer = Trainer(
-        model=model, args=_training_arguments(output_dir, finetune_epochs, 1e-2, 8, seed, remove_unused_columns=False),
-        train_dataset=train, data_collator=_collator(task), processing_class=tokenizer, callbacks=[callback],
+        model=model, args=training_arguments(output_dir, finetune_epochs, 1e-2, 8, seed, remove_unused_columns=False),
+        train_dataset=train, data_collator=collator(task), processing_class=tokenizer, callbacks=[callback],
     )
     trainer.train()
     model.save_pretrained(model_dir)

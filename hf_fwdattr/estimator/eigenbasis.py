@@ -17,6 +17,7 @@ so all documents are simulated by one filter applied to their gradients. Two eig
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,7 +29,7 @@ from ..errors import TaskError
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
-from .gradients import _leaves, _linear_owners, example_gradients
+from .gradients import example_gradients, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 Filter = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _subset(examples: Sequence[Any], count: Optional[int], seed: int) -> list:
+def curvature_subset(examples: Sequence[Any], count: Optional[int], seed: int) -> list:
+    """The seeded random subset of `count` training examples (all when None) the curvature is estimated on, in order."""
     if count is None or count >= len(examples):
         return list(examples)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:count]
@@ -44,15 +46,36 @@ def _subset(examples: Sequence[Any], count: Optional[int], seed: int) -> list:
 
 
 class ExplicitEigenbasis:
-    """The full curvature matrix in its eigenbasis (exact; memory p², time p HVPs per example batch)."""
+    """The full curvature matrix H = Q diag(h) Qᵀ in its eigenbasis: exact; memory p², so for small subspaces.
 
-    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor):
+    The closed-form solver filters document gradients in it; the exact damped-influence baseline inverts H + λI
+    through it (`damped_inverse`).
+    """
+
+    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, seconds: Optional[float] = None):
         self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
+        self.seconds = seconds
+
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, dtype: Optional[torch.dtype] = None, seconds: Optional[float] = None) -> "ExplicitEigenbasis":
+        """Eigendecompose a symmetric [p, p] curvature matrix (symmetrised, decomposed in float64, kept in `dtype`)."""
+        dtype = dtype or matrix.dtype
+        eigenvalues, eigenvectors = torch.linalg.eigh(((matrix + matrix.T) / 2).double())
+        return cls(eigenvalues.to(dtype), eigenvectors.to(dtype), seconds)
+
+    @classmethod
+    def from_operator(cls, operator: CurvatureOperator, chunk_size: int = 64) -> "ExplicitEigenbasis":
+        """The curvature of `operator`'s batch, built column block by column block (p products), then `eigh`."""
+        start = time.perf_counter()
+        identity = torch.eye(operator.subspace.dim, dtype=operator.dtype, device=operator.point.device)
+        matrix = torch.cat([operator.matvec(identity[lo : lo + chunk_size]) for lo in range(0, len(identity), chunk_size)])
+        return cls.from_matrix(matrix, seconds=time.perf_counter() - start)
 
     @classmethod
     def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], kind: Curvature, batch_size: int,
                  dtype: torch.dtype = torch.float32, chunk: int = 256, progress: bool = False) -> "ExplicitEigenbasis":
-        """Mean curvature over `examples`, built column block by column block, then `eigh`."""
+        """Mean curvature over `examples`, built batch by batch and column block by column block, then `eigh`."""
+        start = time.perf_counter()
         p = subspace.dim
         matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
         identity = torch.eye(p, dtype=dtype, device=subspace.device)
@@ -60,12 +83,9 @@ class ExplicitEigenbasis:
         for lo in tqdm(batches, desc="Curvature (explicit)", disable=not progress, leave=False):
             batch = list(examples[lo : lo + batch_size])
             operator = CurvatureOperator(subspace, task, task.collate(batch), kind, dtype)
-            for start in range(0, p, chunk):
-                matrix[start : start + chunk] += operator.matvec(identity[start : start + chunk]) * len(batch)
-        matrix /= len(examples)
-        matrix = (matrix + matrix.T) / 2
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.double() if dtype == torch.float32 else matrix)
-        return cls(eigenvalues.to(dtype), eigenvectors.to(dtype))
+            for start_column in range(0, p, chunk):
+                matrix[start_column : start_column + chunk] += operator.matvec(identity[start_column : start_column + chunk]) * len(batch)
+        return cls.from_matrix(matrix / len(examples), seconds=time.perf_counter() - start)
 
     @property
     def max_eigenvalue(self) -> float:
@@ -75,10 +95,17 @@ class ExplicitEigenbasis:
     def min_eigenvalue(self) -> float:
         return float(self.eigenvalues.min())
 
-    def filter(self, gradients: torch.Tensor, factor: Filter) -> torch.Tensor:
-        """Q diag(factor(h)) Qᵀ g for each row g of `gradients`."""
-        vectors = self.eigenvectors.to(gradients.device, gradients.dtype)
-        return ((gradients @ vectors) * factor(self.eigenvalues.to(gradients.device, gradients.dtype))) @ vectors.T
+    def filter(self, vectors: torch.Tensor, factor: Filter) -> torch.Tensor:
+        """Q diag(factor(h)) Qᵀ v for each row v of `vectors` (in `vectors`' dtype)."""
+        basis = self.eigenvectors.to(vectors.device, vectors.dtype)
+        return ((vectors @ basis) * factor(self.eigenvalues.to(vectors.device, vectors.dtype))) @ basis.T
+
+    def damped_inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
+        """(H + λI)⁻¹ v for each row v; refuses a λ that leaves H + λI singular or indefinite."""
+        shifted_min = self.min_eigenvalue + damping
+        if shifted_min <= 0:
+            raise ValueError(f"H + λI is not positive definite: its smallest eigenvalue is {shifted_min:.3g} with λ = {damping}.")
+        return self.filter(vectors, lambda h: 1.0 / (h + damping))
 
 
 @dataclass
@@ -118,7 +145,7 @@ class KroneckerEigenbasis:
     def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, seed: int = 0,
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> "KroneckerEigenbasis":
         """Two passes over `examples`: Kronecker factors (then their eigenbases), then eigenvalue corrections."""
-        owners = _linear_owners(subspace)
+        owners = linear_owners(subspace)
         if owners is None:
             raise TaskError(
                 "eigenbasis='kronecker' needs every subspace parameter to be the weight or bias of an nn.Linear "
@@ -175,7 +202,7 @@ class KroneckerEigenbasis:
         try:
             function = TaskFunction(subspace, sampled)
             with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
-                leaves = _leaves(subspace, None)
+                leaves = leaf_parameters(subspace, None)
                 values = function.with_parameters(leaves, batch)
                 torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
         finally:
@@ -220,7 +247,7 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     choice = config.eigenbasis
     if choice is Eigenbasis.AUTO:
         choice = Eigenbasis.EXPLICIT if subspace.dim <= config.explicit_max_dim else Eigenbasis.KRONECKER
-        if choice is Eigenbasis.KRONECKER and _linear_owners(subspace) is None:
+        if choice is Eigenbasis.KRONECKER and linear_owners(subspace) is None:
             raise TaskError(
                 f"The closed-form solver needs an eigenbasis: this subspace has {subspace.dim:,} coordinates, more than "
                 f"explicit_max_dim = {config.explicit_max_dim:,}, so eigenbasis='auto' chose 'kronecker' (EK-FAC), which needs "
@@ -228,7 +255,7 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
                 "Use a LoRA or projection subspace, solver='linearized', or raise explicit_max_dim (the explicit eigenbasis "
                 "costs one curvature product per coordinate and batch, and p² memory)."
             )
-    examples = _subset(train_examples, config.curvature_examples, config.seed)
+    examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
     if choice is Eigenbasis.EXPLICIT:
         return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype, progress=progress)
     if config.curvature is Curvature.HESSIAN:
@@ -236,12 +263,15 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     return KroneckerEigenbasis.estimate(subspace, task, examples, config.batch_size, config.seed, config.compute_dtype, progress)
 
 
-def horizon_filter(step_size: float, horizon: int, shift: float) -> Filter:
-    """h ↦ −(1 − (1 − η(h + shift))^K) / (h + shift): K recursion steps from u = 0, per eigendirection."""
+def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:
+    """h ↦ −(1 − (1 − η(h + shift))^K) / (h + shift): K recursion steps from u = 0, per eigendirection
+    (horizon None: the K → ∞ limit −1 / (h + shift), damped influence)."""
 
     def factor(eigenvalues: torch.Tensor) -> torch.Tensor:
         shifted = eigenvalues + shift
         safe = torch.where(shifted.abs() < 1e-12, torch.ones_like(shifted), shifted)
+        if horizon is None:
+            return -1.0 / safe
         values = -(1 - (1 - step_size * shifted) ** horizon) / safe
         return torch.where(shifted.abs() < 1e-12, torch.full_like(shifted, -step_size * horizon), values)
 

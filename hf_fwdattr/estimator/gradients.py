@@ -34,7 +34,7 @@ class GradientMethod(str, Enum):
     LOOP = "loop"
 
 
-def _linear_owners(subspace: AttributionSubspace) -> Optional[dict[nn.Module, dict[str, str]]]:
+def linear_owners(subspace: AttributionSubspace) -> Optional[dict[nn.Module, dict[str, str]]]:
     """Map each owning `nn.Linear` to {"weight"|"bias": parameter name}, or None if some parameter is not a Linear's."""
     owners: dict[nn.Module, dict[str, str]] = {}
     for name in subspace.names:
@@ -50,13 +50,14 @@ def resolve_gradient_method(subspace: AttributionSubspace, method: GradientMetho
     """The method `example_gradients` will use for this subspace."""
     method = GradientMethod(method)
     if method is GradientMethod.AUTO:
-        return GradientMethod.LINEAR_HOOKS if _linear_owners(subspace) is not None else GradientMethod.LOOP
-    if method is GradientMethod.LINEAR_HOOKS and _linear_owners(subspace) is None:
+        return GradientMethod.LINEAR_HOOKS if linear_owners(subspace) is not None else GradientMethod.LOOP
+    if method is GradientMethod.LINEAR_HOOKS and linear_owners(subspace) is None:
         raise TaskError("method='linear_hooks' needs every subspace parameter to belong to an nn.Linear; use 'loop'.")
     return method
 
 
-def _leaves(subspace: AttributionSubspace, delta: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+def leaf_parameters(subspace: AttributionSubspace, delta: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subspace parameters at θ* (+ `delta`) as fresh leaves that require grad, for one backward pass."""
     if delta is None:
         params = subspace.base
     else:
@@ -66,7 +67,7 @@ def _leaves(subspace: AttributionSubspace, delta: Optional[torch.Tensor]) -> dic
 
 def _hooked_gradients(function: TaskFunction, batch: Any, n_examples: int, delta, dtype) -> torch.Tensor:
     subspace = function.subspace
-    owners = _linear_owners(subspace)
+    owners = linear_owners(subspace)
     per_example = {n: None for n in subspace.names}
 
     def accumulate(name: str, value: torch.Tensor) -> None:
@@ -95,7 +96,7 @@ def _hooked_gradients(function: TaskFunction, batch: Any, n_examples: int, delta
 
     handles = [module.register_forward_hook(forward_hook) for module in owners]
     try:
-        leaves = _leaves(subspace, delta)
+        leaves = leaf_parameters(subspace, delta)
         values = function.with_parameters(leaves, batch)
         if values.shape != (n_examples,):
             raise TaskError(f"The task returned shape {tuple(values.shape)} for {n_examples} examples; expected [{n_examples}].")
@@ -114,7 +115,7 @@ def _looped_gradients(function: TaskFunction, collate, examples, delta, dtype) -
     subspace = function.subspace
     rows = []
     for example in examples:
-        leaves = _leaves(subspace, delta)
+        leaves = leaf_parameters(subspace, delta)
         value = function.with_parameters(leaves, collate([example]))
         if value.numel() != 1:
             raise TaskError(f"The task returned {value.numel()} values for one example; expected 1.")

@@ -7,7 +7,7 @@ document makes the query more likely, for the methods that have a sign):
 - `gradient_dot_scores`: ∇f_q · g_b in the attribution subspace (one backward per query and per document);
 - `damped_influence_scores`: −∇f_qᵀ(H + λI)⁻¹ g_b with the *full-batch* curvature of the training loss —
   the K → ∞ limit the simulation approaches — solved by conjugate gradients to a stated tolerance, or
-  through the eigendecomposition of the explicit curvature matrix (`CurvatureEigensystem`, small subspaces);
+  through the eigendecomposition of the explicit curvature matrix (`estimator.eigenbasis.ExplicitEigenbasis`, small subspaces);
 - `random_scores`: a seeded random ranking, the floor.
 """
 
@@ -24,6 +24,7 @@ import torch
 from ..estimator.config import Curvature
 from ..estimator.curvature import CurvatureOperator
 from ..estimator.documents import DocumentSet
+from ..estimator.eigenbasis import ExplicitEigenbasis
 from ..estimator.gradients import document_gradients, query_gradients
 from ..estimator.subspace import AttributionSubspace
 
@@ -126,51 +127,13 @@ def damped_solve(operator: CurvatureOperator, right_hand_sides: torch.Tensor, da
 
 
 @dataclass
-class CurvatureEigensystem:
-    """Eigendecomposition H = V diag(h) Vᵀ of the explicit full-batch curvature in the subspace.
-
-    Built with p curvature–vector products (one per coordinate), so only for small subspaces; then
-    (H + λI)⁻¹ for any λ, and the K-step response filter of the simulation (DESIGN §4), are exact and cheap.
-    """
-
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    seconds: float
-
-    @classmethod
-    def build(cls, operator: CurvatureOperator, chunk_size: int = 64) -> "CurvatureEigensystem":
-        start = time.perf_counter()
-        dim = operator.subspace.dim
-        columns = []
-        for lo in range(0, dim, chunk_size):
-            basis = torch.zeros(min(chunk_size, dim - lo), dim, dtype=operator.dtype)
-            basis[torch.arange(len(basis)), torch.arange(lo, lo + len(basis))] = 1.0
-            columns.append(operator.matvec(basis).cpu())
-        matrix = torch.cat(columns).double()
-        eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-        return cls(eigenvalues, eigenvectors, time.perf_counter() - start)
-
-    def filtered(self, vectors: torch.Tensor, spectral_filter) -> torch.Tensor:
-        """V diag(filter(h)) Vᵀ v for each row v of `vectors`."""
-        coefficients = vectors.double() @ self.eigenvectors
-        return (coefficients * spectral_filter(self.eigenvalues)) @ self.eigenvectors.T
-
-    def damped_inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
-        """(H + λI)⁻¹ v for each row v; refuses a λ that leaves H + λI singular or indefinite."""
-        shifted = self.eigenvalues + damping
-        if float(shifted.min()) <= 0:
-            raise ValueError(f"H + λI is not positive definite: its smallest eigenvalue is {float(shifted.min()):.3g} with λ = {damping}.")
-        return self.filtered(vectors, lambda h: 1.0 / (h + damping))
-
-
-@dataclass
 class InfluenceSolve:
     """How `damped_influence_scores` solved its systems: 'cg' (with its report) or 'dense' (with the eigensystem)."""
 
     solver: str
     seconds: float
     conjugate_gradient: Optional[ConjugateGradientResult] = None
-    eigensystem: Optional[CurvatureEigensystem] = None
+    eigensystem: Optional[ExplicitEigenbasis] = None
 
     def summary(self) -> dict:
         """JSON-serialisable description."""
@@ -186,7 +149,7 @@ class InfluenceSolve:
 def damped_influence_scores(subspace: AttributionSubspace, task, queries: Sequence[Any], documents: DocumentSet,
                             train_examples: Sequence[Any], damping: float, curvature: Curvature | str = Curvature.GGN,
                             document_grads: Optional[torch.Tensor] = None, solver: str = "auto", tolerance: float = 1e-4,
-                            max_iterations: int = 2000, eigensystem: Optional[CurvatureEigensystem] = None,
+                            max_iterations: int = 2000, eigensystem: Optional[ExplicitEigenbasis] = None,
                             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, InfluenceSolve]:
     """−∇f_qᵀ(H + λI)⁻¹g_b with H the curvature of the mean training loss over *all* `train_examples`.
 
@@ -207,7 +170,7 @@ def damped_influence_scores(subspace: AttributionSubspace, task, queries: Sequen
     if solver == "cg" or eigensystem is None:
         operator = CurvatureOperator(subspace, task, task.collate(list(train_examples)), Curvature(curvature), dtype)
     if solver == "dense":
-        eigensystem = eigensystem or CurvatureEigensystem.build(operator)
+        eigensystem = eigensystem or ExplicitEigenbasis.from_operator(operator)
         solutions = eigensystem.damped_inverse(query_grads, damping)
         report = InfluenceSolve("dense", 0.0, eigensystem=eigensystem)
     else:

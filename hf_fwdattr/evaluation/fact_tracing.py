@@ -123,7 +123,7 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
     minibatches are drawn from) in the artifact's subspace and reads them out with the removal readout; its source
     scores sum document scores. The gradient peers work in the artifact's own
     subspace on the same model; exact influence uses the artifact's damping and curvature kind, with the
-    documents as the full training batch (`influence_eigensystem`: a `peers.CurvatureEigensystem` of that
+    documents as the full training batch (`influence_eigensystem`: an `ExplicitEigenbasis` of that
     curvature, already built, for the dense solver).
     """
     from ..query.scoring import ArtifactScorer

@@ -26,7 +26,7 @@ from ..estimator.gradients import query_gradients
 from ..estimator.simulate import simulate_responses
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
 from ..query.compress import build_readout_basis
-from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, refuse_foreign_artifact, shard_identity
+from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, base_model_of, refuse_foreign_artifact, shard_identity
 from ..storage.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def build_influence_artifact(
             artifact = InfluenceArtifact(
                 config=config, subspace_spec=built.spec, documents=table, responses=store,
                 model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
-                base_model=base_model or _base_model(model),
+                base_model=base_model or base_model_of(model),
                 simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start, "processes": processes.world},
             )
             if config.readout_basis_rank_for(len(table)) > 0:
@@ -186,7 +186,3 @@ def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, st
     return artifact if same else None
 
 
-def _base_model(model) -> dict:
-    from ..storage.artifact import _base_model_of
-
-    return _base_model_of(model)

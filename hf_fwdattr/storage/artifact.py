@@ -164,7 +164,7 @@ class InfluenceArtifact:
             responses=result.responses if responses is None else responses,
             model_fingerprint=subspace.model_fingerprint,
             subspace_fingerprint=subspace.fingerprint,
-            base_model=base_model or _base_model_of(subspace.model),
+            base_model=base_model or base_model_of(subspace.model),
             simulation={"step_size": result.step_size, "top_eigenvalue": result.top_eigenvalue, "seconds": result.seconds},
         )
 
@@ -520,7 +520,8 @@ def _card_template() -> Path:
     raise ArtifactError(f"The model card template {name} is not installed (looked in {[str(c) for c in candidates]}).")
 
 
-def _base_model_of(model: torch.nn.Module) -> dict:
+def base_model_of(model: torch.nn.Module) -> dict:
+    """{"name_or_path", "revision"} of the base model under `model` (a PEFT model's base), recorded in an artifact."""
     config = getattr(model, "config", None)
     base = getattr(model, "get_base_model", None)
     if base is not None:
