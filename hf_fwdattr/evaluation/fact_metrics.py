@@ -6,6 +6,8 @@ every document the same score scores like a random ranking, not like a perfect o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -14,7 +16,65 @@ import torch
 from ..storage.table import source_positions, sum_by_source
 from .metrics import EvaluationError
 
-__all__ = ["reciprocal_ranks", "recall_at_k", "source_scores_from_documents", "summarize", "top_choice_accuracy", "true_document_ranks"]
+__all__ = ["FactTracingResult", "METHODS", "METHOD_LABELS", "Method", "reciprocal_ranks", "recall_at_k", "source_scores_from_documents", "summarize", "top_choice_accuracy", "true_document_ranks"]
+
+
+class Method(str, Enum):
+    """The methods a fact-tracing evaluation compares."""
+
+    OURS = "ours"
+    """The artifact's responses read out forward-only (`ArtifactScorer`)."""
+    UNLEARNING = "ours_unlearning"
+    """The artifact's documents re-simulated with the unlearning solver in the same subspace, removal readout."""
+    BM25 = "bm25"
+    """Lexical retrieval: the query and answer text against each document's text."""
+    GRAD_DOT = "grad_dot"
+    """Gradient dot product in the artifact's subspace."""
+    INFLUENCE = "influence"
+    """Exact damped influence in the artifact's subspace, with the full-batch curvature."""
+    RANDOM = "random"
+    """A seeded random ranking."""
+
+
+METHODS = tuple(m.value for m in Method)
+METHOD_LABELS = {
+    "ours": "ours (forward-only readout)",
+    "ours_unlearning": "ours, unlearning solver (forward-only)",
+    "bm25": "BM25",
+    "grad_dot": "gradient dot product",
+    "influence": "exact damped influence",
+    "random": "random",
+}
+@dataclass
+class FactTracingResult:
+    """Scores and metrics of every method on one fact-tracing set.
+
+    Attributes:
+        metrics: method → query kind (and ``"all"``) → recall@1, recall@10, MRR, source accuracy, n_queries.
+        scores: method → [n_queries, n_documents] document scores (artifact row order).
+        source_scores: method → [n_queries, n_sources] scores summed by source.
+        document_ids, source_names: the columns of the two score matrices.
+        true_index, true_source: per query, the column of the true document and of its source.
+        kinds: per query, its kind.
+        seconds: method → wall time of its scores.
+        details: solver reports and settings, JSON-serialisable.
+    """
+
+    metrics: dict
+    scores: dict[str, torch.Tensor]
+    source_scores: dict[str, np.ndarray]
+    document_ids: list[str]
+    source_names: list[str]
+    true_index: np.ndarray
+    true_source: np.ndarray
+    kinds: list[str]
+    seconds: dict
+    details: dict
+
+    def to_dict(self) -> dict:
+        """Metrics, timings and details (not the score matrices), for a JSON file."""
+        return {"metrics": self.metrics, "seconds": self.seconds, "details": self.details,
+                "n_documents": len(self.document_ids), "n_sources": len(self.source_names), "n_queries": len(self.kinds)}
 
 
 def true_document_ranks(scores: Any, true_index: Any) -> tuple[np.ndarray, np.ndarray]:

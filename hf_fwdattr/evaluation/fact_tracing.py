@@ -17,10 +17,10 @@ Queries are also grouped by whether the model *answers* them (each answer token 
 likely next token): attributing an answer the model would not give asks which documents would teach
 it, a different question.
 
-`evaluate_fact_tracing` runs the forward-only readout and the peers of `peers.py` on one set in one run;
+`evaluate_fact_tracing` runs the forward-only readout and the baselines of `baselines.py` on one set in one run;
 `run_evaluation` adds the default model, the JSON and the figures; `hf-fwdattr evaluate` is its command
-line. The tables are read by `fact_data.py`, the metrics are in `fact_metrics.py`, the figures in
-`fact_plots.py`.
+line. The tables are read by `fact_data.py`, the methods, metrics and result are in `fact_metrics.py`, the figures in
+`plots.py`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -39,37 +37,11 @@ import torch
 from ..estimator.documents import DocumentSet
 from ..estimator.task import IGNORE_INDEX, CausalLMTask
 from .fact_data import FactTracingDataError, FactTracingSet, query_examples, tokenized_documents
-from .fact_metrics import source_scores_from_documents, summarize
+from .fact_metrics import METHOD_LABELS, METHODS, FactTracingResult, Method, source_scores_from_documents, summarize
 
 logger = logging.getLogger(__name__)
 
 
-class Method(str, Enum):
-    """The methods a fact-tracing evaluation compares."""
-
-    OURS = "ours"
-    """The artifact's responses read out forward-only (`ArtifactScorer`)."""
-    UNLEARNING = "ours_unlearning"
-    """The artifact's documents re-simulated with the unlearning solver in the same subspace, removal readout."""
-    BM25 = "bm25"
-    """Lexical retrieval: the query and answer text against each document's text."""
-    GRAD_DOT = "grad_dot"
-    """Gradient dot product in the artifact's subspace."""
-    INFLUENCE = "influence"
-    """Exact damped influence in the artifact's subspace, with the full-batch curvature."""
-    RANDOM = "random"
-    """A seeded random ranking."""
-
-
-METHODS = tuple(m.value for m in Method)
-METHOD_LABELS = {
-    "ours": "ours (forward-only readout)",
-    "ours_unlearning": "ours, unlearning solver (forward-only)",
-    "bm25": "BM25",
-    "grad_dot": "gradient dot product",
-    "influence": "exact damped influence",
-    "random": "random",
-}
 # The corpus `hf-fwdattr evaluate` builds by default: the demo's facts, one co-mention distractor per fact (a
 # document naming the fact's entity and answer without stating it), and pretraining that shows the paraphrased
 # question form on other entities, so that a paraphrased query asks the model something it can know.
@@ -80,38 +52,6 @@ EVALUATION_MODEL = {"hidden_size": 64}
 
 
 # ---------------------------------------------------------------------- the evaluation
-@dataclass
-class FactTracingResult:
-    """Scores and metrics of every method on one fact-tracing set.
-
-    Attributes:
-        metrics: method → query kind (and ``"all"``) → recall@1, recall@10, MRR, source accuracy, n_queries.
-        scores: method → [n_queries, n_documents] document scores (artifact row order).
-        source_scores: method → [n_queries, n_sources] scores summed by source.
-        document_ids, source_names: the columns of the two score matrices.
-        true_index, true_source: per query, the column of the true document and of its source.
-        kinds: per query, its kind.
-        seconds: method → wall time of its scores.
-        details: solver reports and settings, JSON-serialisable.
-    """
-
-    metrics: dict
-    scores: dict[str, torch.Tensor]
-    source_scores: dict[str, np.ndarray]
-    document_ids: list[str]
-    source_names: list[str]
-    true_index: np.ndarray
-    true_source: np.ndarray
-    kinds: list[str]
-    seconds: dict
-    details: dict
-
-    def to_dict(self) -> dict:
-        """Metrics, timings and details (not the score matrices), for a JSON file."""
-        return {"metrics": self.metrics, "seconds": self.seconds, "details": self.details,
-                "n_documents": len(self.document_ids), "n_sources": len(self.source_names), "n_queries": len(self.kinds)}
-
-
 def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: FactTracingSet, methods: Sequence[str] = METHODS,
                           append_eos: bool = True, influence_solver: str = "auto", influence_tolerance: float = 1e-4,
                           influence_max_iterations: int = 2000, influence_eigensystem=None, seed: int = 0) -> FactTracingResult:

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .fact_tracing import METHOD_LABELS, FactTracingResult
+from .fact_metrics import METHOD_LABELS, FactTracingResult
 
 
 def _pyplot():
