@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
+
+# One torch thread per test process (and per process a test starts, through the environment): on this 2-core machine
+# torch's 2-thread kernels slow down 10-25x while another process keeps a core busy (a 4-minute suite took 48).
+# OMP_NUM_THREADS set by the caller wins, for a run that is about threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from torch import nn
 
 from hf_fwdattr import CausalLMTask, ClassificationTask

@@ -143,7 +143,9 @@ def test_removal_readout_is_the_drop_of_f_when_the_response_is_taken_away(lm_res
     measure, batch = TaskFunction(subspace, task.measurement), task.collate(queries)
     with torch.no_grad():
         expected = torch.stack([measure(torch.zeros(subspace.dim), batch) - measure(-u, batch) for u in large], dim=1)
-    torch.testing.assert_close(removal, expected, rtol=1e-5, atol=1e-6)
+    # f_q(θ*) and f_q(θ* − u) are float32 sums of log-probabilities of size ~10: their difference is exact to ~1e-5
+    # (the vmapped and the looped forward round differently; 1e-6 held only by luck of the thread count)
+    torch.testing.assert_close(removal, expected, rtol=1e-5, atol=1e-5)
     small = 1e-3 * large
     linear = ForwardReadout(subspace, task, "jvp").scores(queries, small)
     torch.testing.assert_close(ForwardReadout(subspace, task, "removal").scores(queries, small), linear, rtol=0.05, atol=1e-6)
