@@ -7,6 +7,7 @@ once a task describes it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,6 +43,18 @@ class AttributionTask:
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example query measurement f_q (e.g. a log-likelihood), shape [batch_size]."""
         raise NotImplementedError(f"{type(self).__name__} must implement `measurement`.")
+
+    def token_measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-output parts of the query measurement, shape [batch_size, n_outputs], that sum to f_q.
+
+        Optional: the readout's per-token scores (`ForwardReadout.token_scores`) read every part's directional
+        derivative from the same forward passes that give the whole's. For a causal LM, part t is the
+        log-likelihood of token t.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `token_measurement` for per-token scores "
+            "(the per-output parts of `measurement`, shape [batch_size, n_outputs])."
+        )
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Model outputs z (e.g. logits) whose loss `loss_from_outputs` gives; needed for curvature='ggn'."""
@@ -85,6 +98,21 @@ def _to_tensor(values: Any) -> torch.Tensor:
 
 def _batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _forward_options(model: nn.Module) -> frozenset:
+    """Keyword arguments the model's own forward names (through PEFT wrappers), cached per class."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(inner)
+    if cls not in _FORWARD_OPTIONS:
+        try:
+            _FORWARD_OPTIONS[cls] = frozenset(inspect.signature(inner.forward).parameters)
+        except (TypeError, ValueError):
+            _FORWARD_OPTIONS[cls] = frozenset()
+    return _FORWARD_OPTIONS[cls]
+
+
+_FORWARD_OPTIONS: dict[type, frozenset] = {}
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -150,6 +178,32 @@ class CausalLMTask(AttributionTask):
 
     def measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return -self.train_loss(model, batch)
+
+    def token_measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Per-token log-likelihoods, shape [batch_size, sequence_length]: entry (i, t) is log p(token t | tokens < t)
+        of example i where token t is scored (labelled), else 0; a row sums to the example's summed log-likelihood.
+
+        Only the positions that predict a scored token go through the output layer (``logits_to_keep``, when the
+        model takes it), and the model keeps no key/value cache.
+        """
+        batch = _batch_to(batch, _model_device(model))
+        labels = batch["labels"]
+        length = labels.shape[1]
+        scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        used = scored.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else length - 1  # first position whose prediction is scored
+        options = _forward_options(model)
+        kwargs = {"use_cache": False} if "use_cache" in options else {}
+        if "logits_to_keep" in options:
+            kwargs["logits_to_keep"] = length - first
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        logits = logits[:, logits.shape[1] - (length - first):][:, :-1]  # positions first .. length − 2
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # log-softmax over a vocabulary needs more than half precision
+        targets = labels[:, first + 1:]
+        picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        picked = torch.where(targets != IGNORE_INDEX, picked, torch.zeros_like(picked))
+        return F.pad(picked, (first + 1, 0))
 
     def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
         labels = batch["labels"].to(outputs.device)[:, 1:]

@@ -9,7 +9,8 @@ Registered as the transformers task ``"attributed-text-generation"`` when `hf_fw
 
 Generation is the parent `TextGenerationPipeline`'s, untouched; the attribution of each answer is read
 out afterwards with forward passes only. f_q is the log-likelihood of the generated continuation given
-the prompt (per token with ``per_token=True``).
+the prompt; one readout gives every token's score and their sum (``per_token=True`` costs no more passes).
+The one-sided and removal readouts take f_q(θ*) from generation's own logits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..errors import ReadoutError
-from ..estimator.task import IGNORE_INDEX, CausalLMTask
+from ..estimator.task import CausalLMTask
 from ..query.scoring import ArtifactScorer
 from ..storage.artifact import InfluenceArtifact
 
@@ -58,9 +59,11 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
     Args:
         influence: an `InfluenceArtifact`, a local artifact folder, or a Hub repo id.
         readout: readout mode overriding the artifact's (``"jvp"``, ``"central_difference"``, ``"one_sided"``).
+        readout_engine: how directions are evaluated (``"auto"``, ``"lora_batch"``, ``"functional"``; `ReadoutEngine`).
     """
 
-    def __init__(self, *args, influence: Union[InfluenceArtifact, str, None] = None, readout: Optional[str] = None, **kwargs):
+    def __init__(self, *args, influence: Union[InfluenceArtifact, str, None] = None, readout: Optional[str] = None,
+                 readout_engine: str = "auto", **kwargs):
         if influence is None:
             raise AttributionRequestError(
                 "pipeline('attributed-text-generation', ...) needs `influence=`: an InfluenceArtifact, its folder, or a Hub repo id."
@@ -69,7 +72,7 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         self.influence = influence if isinstance(influence, InfluenceArtifact) else InfluenceArtifact.from_pretrained(influence)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.attribution_task = CausalLMTask(pad_token_id=pad if pad is not None else 0)
-        self.scorer = ArtifactScorer(self.influence, self.model, self.attribution_task, mode=readout)
+        self.scorer = ArtifactScorer(self.influence, self.model, self.attribution_task, mode=readout, engine=readout_engine)
         self._source_counts = {s: self.influence.documents.sources.count(s) for s in self.influence.source_names}
 
     # ------------------------------------------------------------------ the four-method contract
@@ -98,12 +101,21 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         return inputs
 
     def _forward(self, model_inputs, attribution=None, response=None, **generate_kwargs):
+        step_logits = None
         if response is None:
+            added = []
+            if self.scorer.readout.needs_base_value:  # f_q(θ*) per token from generation's own logits, not another forward
+                for key in ("return_dict_in_generate", "output_logits"):
+                    if key not in generate_kwargs:
+                        generate_kwargs[key] = True
+                        added.append(key)
             outputs = super()._forward(model_inputs, **generate_kwargs)
+            step_logits = outputs.pop("logits", None) if "output_logits" in added else outputs.get("logits")
         else:
             outputs = self._given_response(model_inputs, response)
         prompts = self._prompt_ids(model_inputs["input_ids"], model_inputs.get("attention_mask"))
-        outputs["fwdattr"] = self._attribute(prompts, model_inputs["input_ids"].shape[-1], outputs["generated_sequence"], attribution)
+        outputs["fwdattr"] = self._attribute(prompts, model_inputs["input_ids"].shape[-1], outputs["generated_sequence"], attribution,
+                                             step_logits)
         return outputs
 
     def postprocess(self, model_outputs, attribution=None, **kwargs):
@@ -149,36 +161,52 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
             tokens = tokens[:-1]
         return tokens
 
-    def _attribute(self, prompts: list[list[int]], prompt_length: int, generated: torch.Tensor, request: dict) -> list[_Attributions]:
-        """Attributions for every returned sequence, grouped by input (one `_Attributions` per input row)."""
+    def _attribute(self, prompts: list[list[int]], prompt_length: int, generated: torch.Tensor, request: dict,
+                   step_logits: Optional[torch.Tensor] = None) -> list[_Attributions]:
+        """Attributions for every returned sequence, grouped by input (one `_Attributions` per input row).
+
+        One readout for all sequences gives each token's scores and their sum; `step_logits` ([inputs, returned,
+        steps, vocab], generation's logits) give f_q(θ*) per token to the readouts that use it.
+        """
         sequences = []
         for row, prompt in enumerate(prompts):
-            for sequence in generated[row].tolist():
+            for returned, sequence in enumerate(generated[row].tolist()):
                 continuation = self._continuation(sequence, prompt_length)
                 if not continuation:
                     raise ReadoutError("The model generated no tokens to attribute; raise max_new_tokens.")
-                sequences.append((row, prompt, continuation))
-        queries = []
-        for _, prompt, continuation in sequences:
-            queries.append(CausalLMTask.query_example(prompt, continuation))
-            if request["per_token"]:  # one query per generated token: log p(token | prompt, earlier tokens)
-                for position, token in enumerate(continuation):
-                    queries.append({"input_ids": prompt + continuation[: position + 1],
-                                    "labels": [IGNORE_INDEX] * (len(prompt) + position) + [token]})
-        scores = self.scorer.source_scores(queries) if request["aggregate"] == "source" else self.scorer.document_scores(queries)
+                sequences.append((row, returned, prompt, continuation))
+        queries = [CausalLMTask.query_example(prompt, continuation) for _, _, prompt, continuation in sequences]
+        base_values = None
+        if step_logits is not None and self.scorer.readout.needs_base_value:
+            base_values = self._generation_log_likelihoods(sequences, step_logits)
+        if request["aggregate"] == "source":
+            scores = self.scorer.source_token_scores(queries, base_values)
+        else:
+            scores = self.scorer.document_token_scores(queries, base_values)
         per_input: list[list[dict]] = [[] for _ in prompts]
-        cursor = 0
-        for row, _, continuation in sequences:
-            record = {"attributions": self._ranked(scores[cursor], request)}
-            cursor += 1
-            if request["per_token"]:
-                record["token_attributions"] = []
-                for token in continuation:
-                    record["token_attributions"].append({"token": self.tokenizer.decode([token]), "token_id": token,
-                                                         "attributions": self._ranked(scores[cursor], request)})
-                    cursor += 1
+        for index, (row, _, prompt, continuation) in enumerate(sequences):
+            record = {"attributions": self._ranked(scores.total[index], request)}
+            if request["per_token"]:  # token t's score: the score of log p(token t | prompt, earlier tokens)
+                record["token_attributions"] = [
+                    {"token": self.tokenizer.decode([token]), "token_id": token,
+                     "attributions": self._ranked(scores.tokens[index, len(prompt) + position], request)}
+                    for position, token in enumerate(continuation)
+                ]
             per_input[row].append(record)
         return [_Attributions(records) for records in per_input]
+
+    @staticmethod
+    def _generation_log_likelihoods(sequences: list, step_logits: torch.Tensor) -> torch.Tensor:
+        """[n_sequences, length] log p(token | earlier tokens) of each continuation token at its position in the
+        collated query (prompt + continuation), read from generation's logits (step t scored token t)."""
+        length = max(len(prompt) + len(continuation) for _, _, prompt, continuation in sequences)
+        values = torch.zeros(len(sequences), length, dtype=torch.float32)
+        for index, (row, returned, prompt, continuation) in enumerate(sequences):
+            logits = step_logits[row, returned, : len(continuation)].float()
+            tokens = torch.tensor(continuation, device=logits.device)
+            picked = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            values[index, len(prompt) : len(prompt) + len(continuation)] = picked.cpu()
+        return values
 
     def _ranked(self, scores: torch.Tensor, request: dict) -> list[dict]:
         top = torch.topk(scores, min(request["top_k"], scores.numel()))

@@ -3,12 +3,13 @@
 Binds the artifact to a model once (fingerprints checked), then answers document-level scores by
 streaming the response shards (or through the compressed readout basis when the artifact has one)
 and source-level scores from the per-source summed responses: one direction per source, exact. The removal
-readout is nonlinear in u_b, so there a source's score is the sum of its documents' scores instead.
+readout is nonlinear in u_b, so there a source's score is the sum of its documents' scores instead. The
+``*_token_scores`` methods give per-token scores and their sum from the same passes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -17,7 +18,7 @@ from ..estimator.config import ReadoutMode, Solver
 from ..estimator.task import AttributionTask
 from ..storage.artifact import InfluenceArtifact
 from ..storage.table import sum_by_source
-from .readout import ForwardReadout
+from .readout import ForwardReadout, ReadoutEngine, TokenScores
 
 
 class ArtifactScorer:
@@ -31,10 +32,12 @@ class ArtifactScorer:
         mode: readout mode overriding the artifact's.
         use_basis: use the artifact's compressed readout basis for document scores when present.
         chunk_rows: rows streamed from the shards at a time.
+        engine: how blocks of directions are evaluated (`ReadoutEngine`; ``auto`` batches LoRA subspaces).
     """
 
     def __init__(self, artifact: InfluenceArtifact, model: torch.nn.Module, task: AttributionTask,
-                 mode: Optional[ReadoutMode] = None, use_basis: bool = True, chunk_rows: int = 4096):
+                 mode: Optional[ReadoutMode] = None, use_basis: bool = True, chunk_rows: int = 4096,
+                 engine: Union[ReadoutEngine, str] = ReadoutEngine.AUTO):
         self.artifact = artifact
         self.subspace = artifact.bind(model)
         config = artifact.config
@@ -42,7 +45,8 @@ class ArtifactScorer:
             raise ReadoutError(f"The removal readout evaluates the model at θ* − u_b, which is meaningful only for the unlearning solver's "
                                f"finite responses; this artifact was simulated with solver={config.solver.value!r}: use jvp, "
                                "central_difference or one_sided.")
-        self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size)
+        self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size,
+                                      engine=engine)
         self.linear = self.readout.mode is not ReadoutMode.REMOVAL
         self.use_basis = use_basis and self.linear and artifact.readout_basis is not None
         self.chunk_rows = chunk_rows
@@ -56,11 +60,38 @@ class ArtifactScorer:
         artifact = self.artifact
         return self.readout.scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents)
 
+    def document_token_scores(self, queries: Sequence[Any], base_values: Optional[torch.Tensor] = None) -> TokenScores:
+        """Per-token document scores ([n_queries, n_tokens, n_documents]) and their sum ([n_queries, n_documents]),
+        from one readout; `base_values` as in `ForwardReadout.token_scores`."""
+        if self.use_basis:
+            basis = self.artifact.readout_basis
+            projected = self.readout.token_scores(queries, basis["directions"], base_values=base_values)
+            coefficients = basis["coefficients"].to(projected.total.device, projected.total.dtype).T
+            return TokenScores(total=projected.total @ coefficients, tokens=projected.tokens @ coefficients)
+        artifact = self.artifact
+        return self.readout.token_scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents,
+                                         base_values=base_values)
+
+    def source_token_scores(self, queries: Sequence[Any], base_values: Optional[torch.Tensor] = None) -> TokenScores:
+        """Per-token source scores ([n_queries, n_tokens, n_sources]) and their sum ([n_queries, n_sources]), from one
+        readout (see `source_scores`)."""
+        self._check_sources()
+        if self.linear:
+            return self.readout.token_scores(queries, self.artifact.source_responses, base_values=base_values)
+        documents = self.document_token_scores(queries, base_values)
+        positions = self.artifact.documents.source_positions(self.artifact.source_names)
+        count = len(self.artifact.source_names)
+        tokens = sum_by_source(documents.tokens.permute(2, 0, 1), positions, count).permute(1, 2, 0).contiguous()
+        return TokenScores(total=tokens.sum(dim=1), tokens=tokens)
+
+    def _check_sources(self) -> None:
+        if not self.artifact.source_names:
+            raise ReadoutError("The artifact's documents have no sources, so scores cannot be aggregated by source.")
+
     def source_scores(self, queries: Sequence[Any]) -> torch.Tensor:
         """[n_queries, n_sources] scores: the score of each source's summed response (exact for linear readouts);
         with the removal readout, the sum of the source's document scores."""
-        if not self.artifact.source_names:
-            raise ReadoutError("The artifact's documents have no sources, so scores cannot be aggregated by source.")
+        self._check_sources()
         if self.linear:
             return self.readout.scores(queries, self.artifact.source_responses)
         positions = self.artifact.documents.source_positions(self.artifact.source_names)

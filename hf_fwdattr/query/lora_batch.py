@@ -1,0 +1,293 @@
+"""Many directions of a LoRA-shaped subspace in one batched forward (DESIGN §5).
+
+When every coordinate of the attribution subspace is a LoRA A or B matrix of PEFT `lora.Linear` layers (a PEFT
+LoRA subspace, or the projection subspace's B matrices), moving along a direction changes each such layer by a
+rank-r term and nothing else. So many directions run as one ordinary forward: the query batch is repeated once
+per direction (rows = directions × queries) and each LoRA layer gives the rows of direction d their own update,
+batched over d; everything else in the model runs once, unchanged, on the larger batch.
+
+- `LoRABatchEngine.values`: f at θ* + δ_d for every d (difference and removal readouts), under
+  `torch.inference_mode`; layer output = base(x) + s·(x (A + a_d)ᵀ)(B + b_d)ᵀ.
+- `LoRABatchEngine.tangents`: the exact directional derivatives ∇fᵀu_d. Each LoRA layer writes its tangent out
+  by hand, s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] plus the incoming tangent through its effective weight W + s·BA (and every
+  plain `nn.Linear` carries its tangent by hand too); the rest of the network carries it by forward-mode AD
+  (`torch.autograd.forward_ad` under `no_grad`). No backward pass and no `torch.func` transform runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ReadoutError
+from ..estimator.functional import differentiable_attention
+from ..estimator.subspace import AttributionSubspace
+
+_MATRICES = ("lora_A", "lora_B")
+
+
+@dataclass
+class _LoRACoordinates:
+    """Where one LoRA layer's A and B sit in the flat subspace vector (None: not part of the subspace)."""
+
+    module: nn.Module
+    adapter: str
+    a: Optional[slice]
+    b: Optional[slice]
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # PEFT not installed: no LoRA layers to batch
+        return None
+    return Linear
+
+
+def _has_variant(module: nn.Module, adapter: str) -> bool:
+    if adapter in (getattr(module, "lora_variant", None) or {}):
+        return True
+    if (getattr(module, "use_dora", None) or {}).get(adapter, False):
+        return True
+    if (getattr(module, "lora_bias", None) or {}).get(adapter, False):
+        return True
+    return False
+
+
+def lora_coordinates(subspace: AttributionSubspace) -> tuple[Optional[list[_LoRACoordinates]], Optional[str]]:
+    """The subspace's LoRA layers, or (None, why not) when some coordinate is not a plain LoRA A/B weight."""
+    linear = _lora_linear_class()
+    if linear is None:
+        return None, "PEFT is not installed"
+    layers: dict[nn.Module, _LoRACoordinates] = {}
+    offset = 0
+    for name, numel in zip(subspace.names, subspace.numels):
+        span = slice(offset, offset + numel)
+        offset += numel
+        parts = name.split(".")
+        if len(parts) < 4 or parts[-1] != "weight" or parts[-3] not in _MATRICES:
+            return None, f"{name!r} is not a LoRA A or B weight"
+        module = subspace.model.get_submodule(".".join(parts[:-3]))
+        adapter = parts[-2]
+        if not isinstance(module, linear):
+            return None, f"{name!r} belongs to a {type(module).__name__}, not a PEFT LoRA Linear"
+        if _has_variant(module, adapter):
+            return None, f"{name!r} belongs to a LoRA variant (DoRA, LoRA bias, ...), which is not a plain rank-r update"
+        weight = getattr(module.get_base_layer(), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            return None, f"the layer of {name!r} has no plain floating-point base weight (quantized?)"
+        entry = layers.setdefault(module, _LoRACoordinates(module, adapter, None, None))
+        if entry.adapter != adapter:
+            return None, f"the layer of {name!r} holds subspace coordinates of two adapters"
+        if parts[-3] == "lora_A":
+            entry.a = span
+        else:
+            entry.b = span
+    return list(layers.values()), None
+
+
+def _applies(module: nn.Module, adapter: str) -> bool:
+    """Whether the layer's forward uses `adapter` now (active, not merged, adapters enabled)."""
+    return not module.disable_adapters and not module.merged and adapter in module.active_adapters and adapter in module.lora_A
+
+
+def _repeat_batch(batch: Any, copies: int) -> Any:
+    """The batch repeated `copies` times along its leading dimension, copy-major (tensors inside dicts, lists, tuples)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.repeat(copies, *([1] * (batch.dim() - 1))) if batch.dim() else batch
+    if isinstance(batch, dict):
+        return type(batch)({k: _repeat_batch(v, copies) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_repeat_batch(v, copies) for v in batch)
+    return batch
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """W + Σ s·BA over the layer's active adapters, as [out, in]."""
+    weight = module.get_base_layer().weight
+    effective = weight.detach() + sum(module.get_delta_weight(name).detach() for name in module.active_adapters if name in module.lora_A)
+    return effective.T if module.fan_in_fan_out else effective  # GPT-2's Conv1D keeps [in, out]
+
+
+class LoRABatchEngine:
+    """Evaluates a task method for many directions of a LoRA-shaped subspace in one batched forward.
+
+    Args:
+        subspace: the attribution subspace; every coordinate must be a LoRA A or B weight of a PEFT `lora.Linear`
+            (`lora_coordinates` says why not otherwise).
+
+    Raises:
+        ReadoutError: if the subspace is not LoRA-shaped.
+    """
+
+    def __init__(self, subspace: AttributionSubspace):
+        layers, reason = lora_coordinates(subspace)
+        if layers is None:
+            raise ReadoutError(f"The batched LoRA readout needs a subspace of LoRA A/B weights; here {reason}. Use engine='functional'.")
+        self.subspace = subspace
+        self.layers = layers
+
+    @staticmethod
+    def supports(subspace: AttributionSubspace) -> bool:
+        """Whether the subspace is LoRA-shaped (every coordinate a plain LoRA A or B weight)."""
+        return lora_coordinates(subspace)[0] is not None
+
+    # ------------------------------------------------------------------ values: f at θ* + δ_c
+    def values(self, method: Callable[[nn.Module, Any], torch.Tensor], batch: Any, directions: torch.Tensor,
+               scales: torch.Tensor, index: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+        """[len(scales), rows, ...]: `method(model, batch)` at θ* + δ_c for each copy c, δ_c = scales[c] · directions[index[c]]
+        (index None: copy c takes direction c); `rows` examples in `batch`."""
+        copies = len(scales)
+        with torch.inference_mode(), self._perturbed(directions, scales, index, rows):
+            out = method(self.subspace.model, _repeat_batch(batch, copies))
+        return out.reshape(copies, rows, *out.shape[1:])
+
+    @contextlib.contextmanager
+    def _perturbed(self, directions: torch.Tensor, scales: torch.Tensor, index: Optional[torch.Tensor], rows: int) -> Iterator[None]:
+        count, copies = len(directions), len(scales)
+        scales = scales.reshape(copies, 1, 1)
+        patched = []
+        for layer in self.layers:
+            module = layer.module
+            if not _applies(module, layer.adapter):
+                continue  # the layer ignores the adapter now, so its coordinates change nothing (as θ* + δ would)
+            matrices = []
+            for span, weight in ((layer.a, module.lora_A[layer.adapter].weight), (layer.b, module.lora_B[layer.adapter].weight)):
+                if span is None:
+                    matrices.append(weight.expand(copies, *weight.shape))
+                    continue
+                moved = directions[:, span].reshape(count, *weight.shape)
+                moved = moved if index is None else moved[index]
+                matrices.append(torch.addcmul(weight, scales.to(weight.dtype), moved.to(weight.dtype)))  # W + s_c · w_c, one pass
+            a, b = matrices
+            patched.append((module, self._values_forward(module, layer.adapter, a.transpose(1, 2), b.transpose(1, 2), copies * rows)))
+        with _patched_forwards(patched):
+            yield
+
+    @staticmethod
+    def _values_forward(module: nn.Module, adapter: str, a_t: torch.Tensor, b_t: torch.Tensor, batch_rows: int):
+        """PEFT's LoRA Linear forward with the adapter's (A, B) replaced by one pair per copy of the batch."""
+        copies = a_t.shape[0]
+        scaling = module.scaling[adapter]
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            _check_rows(x, batch_rows)
+            result = module.base_layer(x, *args, **kwargs)
+            dtype = result.dtype
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                h = x.to(module.lora_A[name].weight.dtype)
+                if name == adapter:
+                    update = torch.bmm(torch.bmm(h.reshape(copies, -1, h.shape[-1]), a_t), b_t)
+                    result = result + update.reshape(*result.shape[:-1], update.shape[-1]) * scaling
+                else:
+                    result = result + module.lora_B[name](module.lora_A[name](module.lora_dropout[name](h))) * module.scaling[name]
+            return result.to(dtype)
+
+        return forward
+
+    # ------------------------------------------------------------------ tangents: ∇fᵀu_d
+    def tangents(self, method: Callable[[nn.Module, Any], torch.Tensor], batch: Any, directions: torch.Tensor, rows: int) -> torch.Tensor:
+        """[len(directions), rows, ...]: the exact directional derivative of `method(model, batch)` at θ* along each row."""
+        copies = len(directions)
+        model = self.subspace.model
+        # forward AD records its tangents outside inference mode (dual tensors there silently lose them); no_grad keeps
+        # autograd from recording anything for a backward pass
+        with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level(), differentiable_attention(model), \
+                self._tangent_layers(directions, rows):
+            out = method(model, _repeat_batch(batch, copies))
+            tangent = forward_ad.unpack_dual(out).tangent
+        if tangent is None:  # f does not depend on the subspace here
+            tangent = torch.zeros_like(out)
+        return tangent.reshape(copies, rows, *out.shape[1:])
+
+    @contextlib.contextmanager
+    def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
+        copies = len(directions)
+        batch_rows = copies * rows
+        patched, handled = [], set()
+        for layer in self.layers:
+            module = layer.module
+            if not _applies(module, layer.adapter):
+                continue
+            effective = _effective_weight(module)
+            a_weight, b_weight = module.lora_A[layer.adapter].weight.detach(), module.lora_B[layer.adapter].weight.detach()
+            scaling = module.scaling[layer.adapter]
+            # tangent of s·(x Aᵀ)Bᵀ along (a_d, b_d) at fixed x: s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] = [x a_dᵀ, x Aᵀ] · s[Bᵀ; b_dᵀ]
+            inner, outer = [], []
+            if layer.a is not None:
+                inner.append(directions[:, layer.a].reshape(copies, *a_weight.shape).to(a_weight.dtype))
+                outer.append((scaling * b_weight.T).expand(copies, *b_weight.T.shape))
+            if layer.b is not None:
+                inner.append(a_weight.expand(copies, *a_weight.shape))
+                outer.append(scaling * directions[:, layer.b].reshape(copies, *b_weight.shape).to(b_weight.dtype).transpose(1, 2))
+            inner_t = torch.cat(inner, dim=1).transpose(1, 2).contiguous()  # [copies, in, r or 2r]
+            outer_t = torch.cat(outer, dim=1).contiguous()  # [copies, r or 2r, out]
+            patched.append((module, _tangent_forward(module, effective, inner_t, outer_t, batch_rows)))
+            handled.add(module.get_base_layer())
+        for module in self.subspace.model.modules():
+            if type(module) is nn.Linear and module not in handled:
+                patched.append((module, _linear_tangent_forward(module)))
+        with _patched_forwards(patched):
+            yield
+
+
+def _tangent_forward(module: nn.Module, effective: torch.Tensor, inner_t: torch.Tensor, outer_t: torch.Tensor, batch_rows: int):
+    """The LoRA layer's forward carrying its tangent by hand: primal as PEFT computes it, tangent
+    x_t W_effᵀ (the incoming tangent) + the layer's own (x a_dᵀ)·sBᵀ + (x Aᵀ)·s b_dᵀ."""
+    original = type(module).forward
+    copies = inner_t.shape[0]
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        _check_rows(x, batch_rows)
+        primal, incoming = forward_ad.unpack_dual(x)
+        out = original(module, primal, *args, **kwargs)
+        h = primal.to(inner_t.dtype)
+        own = torch.bmm(torch.bmm(h.reshape(copies, -1, h.shape[-1]), inner_t), outer_t)
+        tangent = own.reshape(*out.shape[:-1], own.shape[-1]).to(out.dtype)
+        if incoming is not None:
+            tangent = tangent + F.linear(incoming.to(effective.dtype), effective).to(out.dtype)
+        return forward_ad.make_dual(out, tangent)
+
+    return forward
+
+
+def _linear_tangent_forward(module: nn.Linear):
+    """An `nn.Linear` carrying its tangent by hand (x_t Wᵀ): the same numbers as forward AD's, without its overhead
+    for an operand that has no tangent."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        primal, incoming = forward_ad.unpack_dual(x)
+        out = F.linear(primal, module.weight, module.bias)
+        if incoming is None:
+            return out
+        return forward_ad.make_dual(out, F.linear(incoming, module.weight))
+
+    return forward
+
+
+def _check_rows(x: torch.Tensor, batch_rows: int) -> None:
+    if x.dim() < 2 or x.shape[0] != batch_rows:
+        raise ReadoutError(
+            f"A LoRA layer saw inputs of shape {tuple(x.shape)}, not {batch_rows} batch rows first (directions × queries); "
+            "the batched LoRA readout needs batch-first layers. Use engine='functional'."
+        )
+
+
+@contextlib.contextmanager
+def _patched_forwards(patched: list) -> Iterator[None]:
+    """Give each module an instance-level `forward` for the duration (nn.Module.__call__ calls it)."""
+    try:
+        for module, forward in patched:
+            module.forward = forward
+        yield
+    finally:
+        for module, _ in patched:
+            module.__dict__.pop("forward", None)
