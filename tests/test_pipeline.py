@@ -96,9 +96,39 @@ def test_per_token_attributions_cover_each_generated_token(fact_pipe, fact_model
     scorer = fact_pipe.scorer
     prompt_ids = fact_pipe.tokenizer(question["prompt"])["input_ids"]
     whole = scorer.document_scores([CausalLMTask.query_example(prompt_ids, answer_ids)])[0]
-    parts = scorer.document_scores([{"input_ids": prompt_ids + answer_ids[: i + 1], "labels": [-100] * (len(prompt_ids) + i) + [answer_ids[i]]}
-                                    for i in range(len(answer_ids))]).sum(0)
-    torch.testing.assert_close(parts, whole, rtol=1e-3, atol=1e-3)
+    single = scorer.document_scores([{"input_ids": prompt_ids + answer_ids[: i + 1], "labels": [-100] * (len(prompt_ids) + i) + [answer_ids[i]]}
+                                     for i in range(len(answer_ids))])
+    torch.testing.assert_close(single.sum(0), whole, rtol=1e-3, atol=1e-3)
+    # every token's scores come from the one readout of the whole answer, and equal that token's own readout
+    ids = fact_pipe.influence.documents.document_ids
+    for position, token in enumerate(tokens):
+        for entry in token["attributions"]:
+            assert entry["score"] == pytest.approx(float(single[position, ids.index(entry["document_id"])]), rel=1e-4, abs=1e-4)
+    (plain,) = fact_pipe(question["prompt"], response=question["answer"], top_k=2)
+    assert [(a["document_id"], pytest.approx(a["score"], rel=1e-5)) for a in plain["attributions"]] == \
+        [(a["document_id"], a["score"]) for a in record["attributions"]]
+
+
+def test_one_sided_base_value_comes_from_generation_logits(fact_model):
+    """The one-sided readout takes f_q(θ*) per token from generate's logits: equal to a forward's, and not left in the records."""
+    directory = fact_model["directory"]
+    pipe = pipeline("attributed-text-generation", model=str(directory / "model"), influence=str(directory / "influence"), readout="one_sided")
+    seen = []
+    original = pipe.scorer.readout.token_scores
+
+    def spy(queries, responses, *args, **kwargs):
+        seen.append((queries, kwargs.get("base_values")))
+        return original(queries, responses, *args, **kwargs)
+
+    pipe.scorer.readout.token_scores = spy
+    prompts = [q["prompt"] for q in _questions(fact_model)[:2]]
+    records = pipe(prompts, max_new_tokens=5, do_sample=False, top_k=2, batch_size=2)
+    assert all("logits" not in r[0] for r in records) and len(seen) == 1
+    queries, base = seen[0]
+    task = pipe.attribution_task
+    with torch.no_grad():
+        expected = task.token_measurement(pipe.model, task.collate(queries))
+    torch.testing.assert_close(base, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("readout", ["jvp", "central_difference", "one_sided"])

@@ -1,4 +1,7 @@
-"""The forward-only readout: agreement of the three modes with ∇f_qᵀu, no backward pass, the sign."""
+"""The forward-only readout: agreement of the modes with ∇f_qᵀu on both engines, per-token scores from the same passes,
+no backward pass, the sign."""
+
+import contextlib
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from hf_fwdattr import (
     AttributionSubspace,
     ClassificationTask,
     DocumentSet,
+    CausalLMTask,
     ForwardReadout,
     ReadoutError,
     query_gradients,
@@ -19,6 +23,7 @@ from hf_fwdattr.demo.toy import tiny_llama
 from conftest import VOCAB, BackwardCalled, backward_forbidden, fit, lm_examples, lm_queries, make_lm, noisy_classification
 
 MODES = ["jvp", "central_difference", "one_sided"]
+ENGINES = ["lora_batch", "functional"]
 TOLERANCE = {"jvp": 1e-4, "central_difference": 5e-3, "one_sided": 3e-2}  # relative, float32 models
 LM_CASES = [("llama", "peft"), ("llama", "projection"), ("gpt2", "peft"), ("gpt2", "projection")]
 
@@ -40,13 +45,14 @@ def lm_responses():
     return cases
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", LM_CASES)
-def test_modes_agree_with_gradient_dot_response(lm_responses, case, mode):
+def test_modes_agree_with_gradient_dot_response(lm_responses, case, mode, engine):
     subspace, task, responses = lm_responses[case]
     queries = lm_queries(lm_examples(3, seed=7))
     expected = query_gradients(subspace, task, queries) @ responses.T
-    scores = ForwardReadout(subspace, task, mode, chunk_size=3).scores(queries, responses)
+    scores = ForwardReadout(subspace, task, mode, chunk_size=3, engine=engine).scores(queries, responses)
     assert scores.shape == (3, 4)
     assert (scores - expected).norm() / expected.norm() < TOLERANCE[mode]
 
@@ -63,15 +69,21 @@ def test_modes_are_exact_in_float64(mlp_classifier, classification_task, mode):
     assert error < {"jvp": 1e-12, "central_difference": 1e-8, "one_sided": 1e-5}[mode]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", [("llama", "peft"), ("llama", "projection")])
-def test_readout_runs_no_backward_pass(lm_responses, case, mode):
+def test_readout_runs_no_backward_pass(lm_responses, case, mode, engine):
     subspace, task, responses = lm_responses[case]
     queries = lm_queries(lm_examples(2, seed=8))
-    readout = ForwardReadout(subspace, task, mode)
+    readout = ForwardReadout(subspace, task, mode, engine=engine)
     with backward_forbidden() as saved:
         scores = readout.scores(queries, responses)
+        per_token = readout.token_scores(queries, responses)
+        with torch.inference_mode():  # a caller's inference mode (e.g. a pipeline's) changes nothing
+            inside = readout.token_scores(queries, responses)
     assert saved["count"] == 0, "the readout saved tensors for a backward pass"
+    torch.testing.assert_close(inside.tokens, per_token.tokens)
+    assert per_token.tokens.abs().max() > 0
     with backward_forbidden(), pytest.raises(BackwardCalled):  # the guard is live: a backward readout is refused
         query_gradients(subspace, task, queries)
     assert torch.isfinite(scores).all() and scores.abs().max() > 0
@@ -149,3 +161,122 @@ def test_removal_readout_is_the_drop_of_f_when_the_response_is_taken_away(lm_res
     small = 1e-3 * large
     linear = ForwardReadout(subspace, task, "jvp").scores(queries, small)
     torch.testing.assert_close(ForwardReadout(subspace, task, "removal").scores(queries, small), linear, rtol=0.05, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the batched LoRA engine and per-token scores
+@pytest.mark.parametrize("case", LM_CASES)
+def test_batched_lora_jvp_equals_the_functional_jvp(lm_responses, case):
+    """The hand-written LoRA tangents plus forward AD give torch.func.jvp's numbers to float32 round-off."""
+    subspace, task, responses = lm_responses[case]
+    queries = lm_queries(lm_examples(3, seed=11))
+    functional = ForwardReadout(subspace, task, "jvp", engine="functional").token_scores(queries, responses)
+    batched = ForwardReadout(subspace, task, "jvp", engine="lora_batch").token_scores(queries, responses)
+    scale = functional.tokens.abs().max()
+    torch.testing.assert_close(batched.tokens, functional.tokens, rtol=1e-5, atol=1e-5 * float(scale))
+    torch.testing.assert_close(batched.total, functional.total, rtol=1e-5, atol=1e-5 * float(scale))
+
+
+@pytest.mark.parametrize("case", [("llama", "peft"), ("llama", "projection"), ("gpt2", "peft")])
+def test_batched_lora_values_equal_the_model_at_the_perturbed_parameters(lm_responses, case):
+    """Each copy of the batch sees θ* + δ_c exactly: the batched values equal functional_call at θ* + δ_c."""
+    from hf_fwdattr.estimator.functional import TaskFunction
+    from hf_fwdattr.query.lora_batch import LoRABatchEngine
+
+    subspace, task, responses = lm_responses[case]
+    queries = lm_queries(lm_examples(2, seed=12))
+    batch = task.collate(queries)
+    directions = responses / responses.norm(dim=1, keepdim=True)
+    scales = torch.tensor([0.0, 0.5, -0.5, 1.0])
+    index = torch.tensor([0, 1, 1, 3])
+    with backward_forbidden() as saved:
+        values = LoRABatchEngine(subspace).values(task.token_measurement, batch, directions, scales, index, rows=2)
+    assert saved["count"] == 0
+    measure = TaskFunction(subspace, task.token_measurement)
+    with torch.no_grad():
+        expected = torch.stack([measure(s * directions[i], batch) for s, i in zip(scales, index)])
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", MODES)
+def test_token_scores_are_the_scores_of_each_token(lm_responses, mode, engine):
+    """One pass gives every token's score: they equal the readout of one query per token, and sum to the whole."""
+    subspace, task, responses = lm_responses[("llama", "peft")]
+    prompt, answer = [5, 9, 11], [20, 31, 7, 44]
+    query = CausalLMTask.query_example(prompt, answer)
+    readout = ForwardReadout(subspace, task, mode, engine=engine)
+    result = readout.token_scores([query], responses)
+    assert result.tokens.shape == (1, len(prompt) + len(answer), len(responses))
+    assert (result.tokens[0, : len(prompt)] == 0).all(), "prompt tokens are not scored"
+    single_tokens = [{"input_ids": prompt + answer[: i + 1], "labels": [-100] * (len(prompt) + i) + [answer[i]]} for i in range(len(answer))]
+    one_per_token = readout.scores(single_tokens, responses)
+    whole = readout.scores([query], responses)[0]
+    scale = float(whole.abs().max())
+    tolerance = {"jvp": 1e-5, "central_difference": 2e-3, "one_sided": 3e-2}[mode] * scale
+    torch.testing.assert_close(result.tokens[0, len(prompt):], one_per_token, rtol=0, atol=tolerance)
+    torch.testing.assert_close(result.total[0], whole, rtol=0, atol=tolerance)
+    torch.testing.assert_close(result.total, result.tokens.sum(dim=1))
+
+
+def test_token_measurement_sums_to_the_measurement(lm_task):
+    for architecture in ("llama", "gpt2"):
+        model, _ = make_lm(architecture, "peft")
+        batch = lm_task.collate(lm_queries(lm_examples(4, seed=13)) + lm_examples(1, seed=14))  # a row scored from token 1
+        with torch.no_grad():
+            tokens = lm_task.token_measurement(model, batch)
+            whole = lm_task.measurement(model, batch)
+        assert tokens.shape == batch["input_ids"].shape
+        assert (tokens[batch["labels"] == -100] == 0).all()
+        torch.testing.assert_close(tokens.sum(dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_one_sided_takes_given_base_values(lm_responses):
+    """f(θ*) given per token (e.g. from generation's logits) replaces the readout's own copy of the batch."""
+    from hf_fwdattr.estimator.functional import TaskFunction
+
+    subspace, task, responses = lm_responses[("llama", "peft")]
+    queries = lm_queries(lm_examples(2, seed=15))
+    readout = ForwardReadout(subspace, task, "one_sided")
+    with torch.no_grad():
+        base = TaskFunction(subspace, task.token_measurement)(torch.zeros(subspace.dim), task.collate(queries))
+    own = readout.token_scores(queries, responses)
+    given = readout.token_scores(queries, responses, base_values=base)
+    scale = float(own.total.abs().max())
+    torch.testing.assert_close(given.total, own.total, rtol=0, atol=1e-2 * scale)
+    shifted = readout.token_scores(queries, responses, base_values=base - 1e-3)  # the base is really used
+    assert not torch.allclose(shifted.total, given.total, rtol=0, atol=1e-2 * scale)
+    # the JVP and central difference have no use for it
+    jvp = ForwardReadout(subspace, task, "jvp")
+    torch.testing.assert_close(jvp.token_scores(queries, responses, base_values=base - 1.0).total, jvp.token_scores(queries, responses).total)
+
+
+def test_engine_choice_and_refusals(lm_responses, mlp_classifier, classification_task):
+    subspace, task, responses = lm_responses[("llama", "peft")]
+    assert ForwardReadout(subspace, task).engine.value == "lora_batch"
+    assert ForwardReadout(subspace, task, vectorize=False).engine.value == "functional"
+    model, _ = mlp_classifier
+    trainable = AttributionSubspace.build(model, "trainable")
+    assert ForwardReadout(trainable, classification_task).engine.value == "functional"
+    with pytest.raises(ReadoutError, match="LoRA A or B weight.*engine='functional'"):
+        ForwardReadout(trainable, classification_task, engine="lora_batch")
+    with pytest.raises(ReadoutError, match="`engine` must be one of"):
+        ForwardReadout(subspace, task, engine="fast")
+    with pytest.raises(NotImplementedError, match="token_measurement"):
+        ForwardReadout(trainable, classification_task).token_scores([(torch.zeros(3, dtype=torch.float64), torch.tensor(0))], torch.ones(2, trainable.dim))
+
+
+@pytest.mark.parametrize("state", ["disabled", "merged"])
+def test_batched_engine_follows_an_adapter_that_is_off(lm_task, state):
+    """With the adapter disabled or merged its A/B no longer enter the forward: both engines then read 0."""
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    queries = lm_queries(lm_examples(2, seed=16))
+    directions = torch.randn(3, subspace.dim)
+    context = model.disable_adapter() if state == "disabled" else contextlib.nullcontext()
+    if state == "merged":
+        model.merge_adapter()
+    with context:
+        for mode in ("jvp", "central_difference"):
+            for engine in ENGINES:
+                scores = ForwardReadout(subspace, lm_task, mode, engine=engine).scores(queries, directions)
+                assert scores.abs().max() < 1e-4, (mode, engine)
