@@ -29,6 +29,7 @@ from ..errors import TaskError
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
+from .ggn import exact_ggn, supports_exact_ggn
 from .gradients import example_gradients, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
@@ -74,8 +75,16 @@ class ExplicitEigenbasis:
     @classmethod
     def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], kind: Curvature, batch_size: int,
                  dtype: torch.dtype = torch.float32, chunk: int = 256, progress: bool = False) -> "ExplicitEigenbasis":
-        """Mean curvature over `examples`, built batch by batch and column block by column block, then `eigh`."""
+        """Mean curvature over `examples`, then `eigh`.
+
+        The GGN is built from per-example output Jacobians (`ggn.exact_ggn`: one backward pass per output-curvature
+        factor and batch) when the subspace and task allow it; otherwise — the Hessian, or parameters outside linear
+        layers — column block by column block from curvature-vector products (p products per batch).
+        """
         start = time.perf_counter()
+        if Curvature(kind) is Curvature.GGN and supports_exact_ggn(subspace, task):
+            matrix = exact_ggn(subspace, task, examples, batch_size, dtype=dtype, progress=progress)
+            return cls.from_matrix(matrix, dtype=dtype, seconds=time.perf_counter() - start)
         p = subspace.dim
         matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
         identity = torch.eye(p, dtype=dtype, device=subspace.device)

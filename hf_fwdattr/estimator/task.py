@@ -79,6 +79,31 @@ class AttributionTask:
             "implement it or use eigenbasis='explicit' (small subspaces) or another solver."
         )
 
+    def output_curvature(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs y the loss is a function of, and a factorisation of the loss's curvature in them.
+
+        Returns ``(y, factors)``: y of shape [B, positions, D], in the autograd graph of the model's parameters, and
+        factors [B, positions, K, D] such that for every example i and position t, Σ_k f f ᵀ (f = factors[i, t, k])
+        is ∇²_{y_it} ℓ_i, the Hessian of example i's loss in its outputs at t (the loss must not couple positions).
+        The exact Gauss–Newton matrix is built from these (`estimator.ggn`): one backward pass per (position,
+        factor) slot. The default treats `outputs` as one position and factors the exact Hessian of
+        `loss_from_outputs` in them (one double-backward per output coordinate, so for small outputs only).
+        """
+        outputs = self.outputs(model, batch)
+        flat = outputs.reshape(len(outputs), -1)
+        if flat.shape[1] > 1024:
+            raise NotImplementedError(
+                f"{type(self).__name__}.output_curvature: the default factors the Hessian of a {flat.shape[1]}-dimensional output "
+                "coordinate by coordinate, which is for small outputs only; implement `output_curvature` for this task."
+            )
+        hessian = _output_hessian(lambda z: self.loss_from_outputs(z.reshape(outputs.shape), batch), flat.detach())
+        return flat[:, None, :], _psd_factors(hessian)[:, None]
+
+    @property
+    def supports_output_curvature(self) -> bool:
+        """Whether `output_curvature` can run (it needs `outputs` and `loss_from_outputs`)."""
+        return self.supports_ggn
+
     def collate(self, examples: Sequence[Any]) -> Any:
         """Turn a list of examples into a batch (default: `torch.utils.data.default_collate`)."""
         return default_collate(list(examples))
@@ -90,6 +115,25 @@ class AttributionTask:
     def supports_ggn(self) -> bool:
         """Whether `outputs` and `loss_from_outputs` are implemented."""
         return type(self).outputs is not AttributionTask.outputs
+
+
+def _output_hessian(loss_of, outputs: torch.Tensor) -> torch.Tensor:
+    """[B, O, O]: the Hessian of each example's loss in its own outputs ([B, O], losses per example do not mix)."""
+    z = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(loss_of(z).sum(), z, create_graph=True)
+        columns = [torch.autograd.grad(gradient[:, o].sum(), z, retain_graph=True)[0] for o in range(z.shape[1])]
+    return torch.stack(columns, dim=1).detach()
+
+
+def _psd_factors(matrices: torch.Tensor, relative_floor: float = 1e-10) -> torch.Tensor:
+    """[..., K, D] rows f_k with Σ_k f_k f_kᵀ = the positive part of the symmetric [..., D, D] `matrices`; largest first,
+    rows of eigenvalues below `relative_floor` × the largest set to zero (round-off), negative curvature dropped."""
+    values, vectors = torch.linalg.eigh(((matrices + matrices.transpose(-1, -2)) / 2).double())
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    floor = relative_floor * values[..., :1].clamp_min(0)
+    scale = torch.where(values > floor, values, torch.zeros_like(values)).sqrt()
+    return (vectors * scale[..., None, :]).transpose(-1, -2).to(matrices.dtype)
 
 
 def _to_tensor(values: Any) -> torch.Tensor:
@@ -205,6 +249,38 @@ class CausalLMTask(AttributionTask):
         picked = torch.where(targets != IGNORE_INDEX, picked, torch.zeros_like(picked))
         return F.pad(picked, (first + 1, 0))
 
+    def output_curvature(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden states φ_t (the output head's inputs) and factors of Wᵀ(diag p_t − p_t p_tᵀ)W per scored token.
+
+        With logits z_t = W φ_t and the head W outside the attribution subspace, the token's cross-entropy curvature in
+        φ_t is Wᵀ(diag p − p pᵀ)W, of rank at most the hidden size: a token costs that many factors, whatever the
+        vocabulary. A head inside the subspace, or logits that are not W φ (soft-capping, scaling), are refused —
+        the curvature-vector-product path covers them.
+        """
+        batch = _batch_to(batch, _model_device(model))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        features, logits = out.hidden_states[-1][:, :-1], out.logits[:, :-1]
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.requires_grad or getattr(head, "bias", None) is not None:
+            raise NotImplementedError("CausalLMTask.output_curvature needs a bias-free linear output head outside the attribution subspace.")
+        weight = weight.detach()
+        reconstructed = features.detach() @ weight.T.to(features.dtype)
+        if not torch.allclose(reconstructed, logits.detach(), rtol=1e-3, atol=1e-3 * float(logits.detach().abs().max())):
+            raise NotImplementedError("CausalLMTask.output_curvature: the logits are not the head applied to the last hidden states.")
+        probabilities = torch.softmax(logits.detach().double(), dim=-1)
+        w = weight.double()
+        mean = probabilities @ w  # [B, T, d]
+        second = torch.einsum("btv,vd,ve->btde", probabilities, w, w)
+        curvature = second - mean[..., :, None] * mean[..., None, :]
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(curvature.device)
+        factors = _psd_factors(curvature) * scored[..., None, None]
+        return features, factors.to(features.dtype)
+
+    @property
+    def supports_output_curvature(self) -> bool:
+        return True
+
     def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
         labels = batch["labels"].to(outputs.device)[:, 1:]
         logits = outputs[:, :-1].float()
@@ -259,6 +335,14 @@ class ClassificationTask(AttributionTask):
     def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         _, labels = self._split(batch)
         return F.cross_entropy(outputs, labels.to(outputs.device), reduction="none")
+
+    def output_curvature(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the factors √p_c (e_c − p) of the softmax cross-entropy curvature diag(p) − p pᵀ."""
+        logits = self.outputs(model, batch)
+        probabilities = torch.softmax(logits.detach().double(), dim=-1)
+        identity = torch.eye(logits.shape[1], dtype=torch.float64, device=logits.device)
+        factors = probabilities.sqrt()[:, :, None] * (identity[None] - probabilities[:, None, :])
+        return logits[:, None, :], factors[:, None].to(logits.dtype)
 
     def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: Any, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():

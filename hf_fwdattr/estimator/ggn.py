@@ -1,0 +1,124 @@
+"""The Gauss–Newton matrix of the training loss in the subspace, built exactly from per-example output Jacobians.
+
+    GGN = (1/n) Σ_i J_iᵀ (∇²_y ℓ_i) J_i,       J_i = ∂y_i/∂v  (v: subspace coordinates)
+
+y_i are the outputs of example i the loss is a function of: the logits of a classifier, or the last hidden states
+of a language model whose output head is outside the subspace (the head then folds into the output curvature, so
+a token costs the hidden size in factors, not the vocabulary). The task factors the output curvature at every
+output position, ∇²_y ℓ_i = Σ_k f_k f_kᵀ (`AttributionTask.output_curvature`). A factor is a cotangent: one
+backward pass from y with it gives, for every example of the batch at once, the row a = J_iᵀ f (per-example
+gradients of the subspace's linear layers, from their inputs and the gradients at their outputs). Then
+GGN = (1/n) Σ aᵀa over all rows, accumulated in float64.
+
+This costs one backward pass per factor slot and batch — (positions × factors) for a language model, classes for a
+classifier — instead of one curvature-vector product per coordinate (p of them) per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import TaskError
+from .functional import TaskFunction, differentiable_attention, evaluation_mode
+from .gradients import leaf_parameters, linear_owners
+from .subspace import AttributionSubspace
+
+
+def supports_exact_ggn(subspace: AttributionSubspace, task) -> bool:
+    """Whether `exact_ggn` can build this subspace's GGN: every parameter a Linear's weight or bias, and a task that
+    factors its output curvature."""
+    return linear_owners(subspace) is not None and task.supports_output_curvature
+
+
+def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Optional[torch.Tensor] = None,
+                  dtype: torch.dtype = torch.float64) -> Iterator[torch.Tensor]:
+    """For each factor slot of `task.output_curvature`, the rows J_iᵀ f of every example of `batch`: [B, p] each.
+
+    Σ over slots of rowsᵀ rows is Σ_i J_iᵀ (∇²_y ℓ_i) J_i for the batch (not divided by its size). Rows of examples
+    without a factor in a slot are zero.
+    """
+    owners = linear_owners(subspace)
+    if owners is None:
+        raise TaskError("The exact GGN needs every subspace parameter to be the weight or bias of an nn.Linear (LoRA and "
+                        "projection adapters are); use the curvature-vector-product path for this subspace.")
+    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            calls.append((module, args[0].detach(), output))
+
+    function = TaskFunction(subspace, lambda model, b: task.output_curvature(model, b))
+    handles = [module.register_forward_hook(record) for module in owners]
+    try:
+        with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
+            outputs, factors = function.with_parameters(leaf_parameters(subspace, delta), batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if outputs.dim() != 3 or factors.dim() != 4 or factors.shape[:2] != outputs.shape[:2] or factors.shape[3] != outputs.shape[2]:
+        raise TaskError(f"output_curvature must return outputs [B, positions, D] and factors [B, positions, K, D]; got "
+                        f"{tuple(outputs.shape)} and {tuple(factors.shape)}.")
+    n = outputs.shape[0]
+    offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
+    present = factors.detach().abs().amax(dim=(0, 3)) > 0  # [positions, K]: slots some example has a factor in
+    tensors = [output for _, _, output in calls]
+    for position, k in present.nonzero().tolist():
+        cotangent = torch.zeros_like(outputs)
+        cotangent[:, position] = factors[:, position, k].detach()
+        grads = torch.autograd.grad(outputs, tensors, cotangent, retain_graph=True, allow_unused=True)
+        rows = torch.zeros(n, subspace.dim, dtype=dtype, device=subspace.device)
+        for (module, inputs, _), grad in zip(calls, grads):
+            if grad is None:
+                continue
+            g = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
+            names = owners[module]
+            if "weight" in names:
+                lo, hi = offsets[names["weight"]]
+                x = inputs.reshape(n, -1, inputs.shape[-1]).to(dtype)
+                rows[:, lo:hi] += torch.einsum("bto,bti->boi", g, x).reshape(n, -1)
+            if "bias" in names:
+                lo, hi = offsets[names["bias"]]
+                rows[:, lo:hi] += g.sum(dim=1)
+        yield rows
+
+
+def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
+              chunk_rows: int = 2048, progress: bool = False) -> torch.Tensor:
+    """The [p, p] GGN of the mean training loss over `examples`, from per-example output Jacobians (float64 sums).
+
+    Rows are computed in `dtype` and gathered `chunk_rows` at a time into one float64 product, so round-off stays at
+    float64's level whatever the model's dtype (the rows themselves carry the model's precision).
+    """
+    p = subspace.dim
+    matrix = torch.zeros(p, p, dtype=torch.float64, device=subspace.device)
+    pending: list[torch.Tensor] = []
+    count = 0
+
+    def flush() -> None:
+        if pending:
+            block = torch.cat(pending).to(torch.float64)
+            matrix.addmm_(block.T, block)
+            pending.clear()
+
+    batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
+    for batch in tqdm(batches, desc="Curvature (exact GGN)", disable=not progress):
+        for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype):
+            pending.append(rows)
+            count += len(rows)
+            if count >= chunk_rows:
+                flush()
+                count = 0
+    flush()
+    return matrix / len(examples)
+
+
+def _offsets(numels: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for count in numels:
+        out.append((start, start + count))
+        start += count
+    return out
