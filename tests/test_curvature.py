@@ -59,3 +59,35 @@ def test_exact_ggn_equals_the_product_ggn_on_a_lora_language_model(architecture)
     # (transformers upcasts and casts back), so two differentiation orders of it agree to float32's 1e-7 only.
     tolerance = 1e-12 if architecture == "gpt2" else 1e-6
     torch.testing.assert_close(fast, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+def _filter_reference(h: float, step_size: float, horizon: int, shift: float) -> float:
+    """−(1 − (1 − η(h + shift))^K) / (h + shift) with 60 significant digits (exact rationals raised by `decimal`)."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 60
+    s = Decimal(repr(h)) + Decimal(repr(shift))
+    if s == 0:
+        return -step_size * horizon
+    return float(-(1 - (1 - Decimal(repr(step_size)) * s) ** horizon) / s)
+
+
+@pytest.mark.parametrize("h, step_size, horizon, shift", [
+    (1e-10, 0.5, 3000, 0.0),      # float32 cancellation gave 0 instead of −1500
+    (1e-7, 0.5, 3000, 0.0),       # ... and a value past the ηK bound
+    (0.0, 0.5, 3000, 0.0),        # h + λ = 0: the limit −ηK
+    (-1e-3, 0.5, 3000, 1e-3),     # h + λ = 0 from a negative eigenvalue
+    (-2e-4, 0.5, 3000, 1e-3),     # negative h above −λ
+    (-1e-6, 0.5, 3000, 0.0),      # slightly negative curvature, growing but finite
+    (1.0, 1.0, 3000, 1e-3),       # η(h + λ) just above 1: the sign alternates
+    (1.9, 1.0, 30, 0.0),          # close to the stability edge
+    (3e-4, 0.01, 10**5, 1e-3),    # long horizon
+])
+def test_horizon_filter_against_a_high_precision_reference(h, step_size, horizon, shift):
+    from hf_fwdattr.estimator.eigenbasis import horizon_filter
+
+    for dtype in (torch.float32, torch.float64):
+        value = float(horizon_filter(step_size, horizon, shift)(torch.tensor([h], dtype=dtype))[0])
+        expected = _filter_reference(float(torch.tensor(h, dtype=dtype)), step_size, horizon, shift)
+        assert value == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-12, abs=1e-300)
+        assert abs(value) <= step_size * horizon * (1 + 1e-12) or h + shift < 0  # the K-step bound |f| <= ηK

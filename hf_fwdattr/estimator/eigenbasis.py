@@ -107,7 +107,7 @@ class ExplicitEigenbasis:
     def filter(self, vectors: torch.Tensor, factor: Filter) -> torch.Tensor:
         """Q diag(factor(h)) Qᵀ v for each row v of `vectors` (in `vectors`' dtype)."""
         basis = self.eigenvectors.to(vectors.device, vectors.dtype)
-        return ((vectors @ basis) * factor(self.eigenvalues.to(vectors.device, vectors.dtype))) @ basis.T
+        return ((vectors @ basis) * factor(self.eigenvalues.to(vectors.device, torch.float64)).to(vectors.dtype)) @ basis.T
 
     def damped_inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
         """(H + λI)⁻¹ v for each row v; refuses a λ that leaves H + λI singular or indefinite."""
@@ -233,7 +233,7 @@ class KroneckerEigenbasis:
             q_in = layer.input_basis.to(gradients.device, gradients.dtype)
             q_out = layer.output_basis.to(gradients.device, gradients.dtype)
             rotated = q_out.T @ layer.matrix(gradients) @ q_in
-            filtered = q_out @ (rotated * factor(layer.eigenvalues.to(gradients.device, gradients.dtype))) @ q_in.T
+            filtered = q_out @ (rotated * factor(layer.eigenvalues.to(gradients.device, torch.float64)).to(gradients.dtype)) @ q_in.T
             layer.write(out, filtered)
         return out
 
@@ -274,14 +274,21 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
 
 def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:
     """h ↦ −(1 − (1 − η(h + shift))^K) / (h + shift): K recursion steps from u = 0, per eigendirection
-    (horizon None: the K → ∞ limit −1 / (h + shift), damped influence)."""
+    (horizon None: the K → ∞ limit −1 / (h + shift), damped influence).
+
+    Evaluated in float64 as expm1(K·log1p(−ηs)) / s (s = h + shift), which keeps its value where 1 − (1 − ηs)^K
+    cancels (ηKs ≪ 1: the value tends to −ηK); the result is cast back to the eigenvalues' dtype.
+    """
 
     def factor(eigenvalues: torch.Tensor) -> torch.Tensor:
-        shifted = eigenvalues + shift
-        safe = torch.where(shifted.abs() < 1e-12, torch.ones_like(shifted), shifted)
+        shifted = eigenvalues.to(torch.float64) + shift
         if horizon is None:
-            return -1.0 / safe
-        values = -(1 - (1 - step_size * shifted) ** horizon) / safe
-        return torch.where(shifted.abs() < 1e-12, torch.full_like(shifted, -step_size * horizon), values)
+            return (-1.0 / shifted).to(eigenvalues.dtype)
+        rate = step_size * shifted
+        small = rate < 1  # log1p(−ηs) exists; beyond, (1 − ηs)^K has no cancellation to guard against
+        decay = torch.where(small, torch.expm1(horizon * torch.log1p(-rate.clamp(max=1.0))), (1 - rate) ** horizon - 1)
+        safe = torch.where(shifted == 0, torch.ones_like(shifted), shifted)
+        values = torch.where(shifted == 0, torch.full_like(shifted, -step_size * horizon), decay / safe)
+        return values.to(eigenvalues.dtype)
 
     return factor
