@@ -34,7 +34,7 @@ def test_closed_form_equals_the_full_batch_recursion_at_every_horizon(mlp_classi
     documents = DocumentSet.from_examples(examples[:10])
     for horizon in (1, 2, 7, 40, 300):
         common = dict(damping=0.02, horizon=horizon, batch_size=len(examples), curvature=kind, dtype="float64")
-        iterative = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(**common))
+        iterative = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver="linearized", **common))
         closed = simulate_responses(subspace, classification_task, documents, examples, AttributionConfig(solver="closed_form", **common),
                                     step_size=iterative.step_size)
         torch.testing.assert_close(closed.responses, iterative.responses, rtol=1e-10, atol=1e-12)
@@ -94,7 +94,7 @@ def test_kronecker_closed_form_on_a_lora_model_tracks_the_iterative_solver(lm_ta
     train = lm_examples(48, seed=5)
     documents = DocumentSet.from_examples(train[:12])
     common = dict(damping=1e-2, horizon=20, batch_size=len(train))
-    iterative = simulate_responses(subspace, lm_task, documents, train, AttributionConfig(**common))
+    iterative = simulate_responses(subspace, lm_task, documents, train, AttributionConfig(solver="linearized", **common))
     closed = simulate_responses(subspace, lm_task, documents, train, AttributionConfig(solver="closed_form", eigenbasis="kronecker", **common),
                                 step_size=iterative.step_size)
     queries = lm_queries(lm_examples(8, seed=6))
