@@ -159,8 +159,9 @@ def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solv
     dataset = Dataset.from_list([{"document_id": d, "input_ids": i} for d, i in zip(
         two.documents.document_ids, [tokenizer(d["text"])["input_ids"] for d in fact_corpus(n_entities=4, relations_per_entity=2, n_filler=3, n_distractors=1, pretraining_entities=6)["documents"]])])
     prepared = documents_from_dataset(dataset, max_length=model.config.max_position_embeddings)
-    one = build_influence_artifact(model, CausalLMTask(pad_token_id=tokenizer.pad_token_id), prepared.documents, examples_from_dataset(dataset),
-                                   tmp_path / "one", two.config, progress=False)
+    objective = two.simulation["objective"]  # the callback simulates Trainer's objective: the token mean of the NLL
+    task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, reduction=objective["reduction"], tokens_per_example=objective["tokens_per_example"])
+    one = build_influence_artifact(model, task, prepared.documents, examples_from_dataset(dataset), tmp_path / "one", two.config, progress=False)
     assert one.model_fingerprint == two.model_fingerprint and one.subspace_fingerprint == two.subspace_fingerprint
     assert one.step_size == two.step_size if solver == "unlearning" else one.step_size == pytest.approx(two.step_size, rel=1e-6)
     # each process estimates the eigenbasis itself, with its own thread count: float32 rounding differs slightly

@@ -176,7 +176,8 @@ class KroneckerEigenbasis:
         sampled = lambda model, batch: task.sampled_loss_from_outputs(task.outputs(model, batch), batch, generator)  # noqa: E731
         batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
         for batch in tqdm(batches, desc="Curvature (Kronecker factors)", disable=not progress, leave=False):
-            basis._accumulate_factors(subspace, sampled, task.collate(batch))
+            collated = task.collate(batch)
+            basis._accumulate_factors(subspace, sampled, collated, task.position_mask(collated))
         for layer in layers:
             layer.input_basis = torch.linalg.eigh(layer.input_factor.double())[1].to(dtype)
             layer.output_basis = torch.linalg.eigh(layer.output_factor.double())[1].to(dtype)
@@ -190,20 +191,26 @@ class KroneckerEigenbasis:
             layer.eigenvalues /= len(examples)
         return basis
 
-    def _accumulate_factors(self, subspace: AttributionSubspace, sampled, batch) -> None:
+    def _accumulate_factors(self, subspace: AttributionSubspace, sampled, batch, mask: Optional[torch.Tensor]) -> None:
         by_module = {layer.module: layer for layer in self.layers}
+
+        def positions(values: torch.Tensor) -> torch.Tensor:
+            """[positions, features] rows of a layer's input or output gradient, padding left out (as Kronfluence does)."""
+            if mask is not None and values.dim() == 3 and values.shape[:2] == mask.shape:
+                return values[mask.to(values.device)]
+            return values.reshape(-1, values.shape[-1])
 
         def forward_hook(module, args, output):
             if not output.requires_grad:
                 return
             layer = by_module[module]
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(layer.input_factor.dtype)
+            x = positions(args[0].detach()).to(layer.input_factor.dtype)
             if layer.bias is not None:
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
             layer.input_factor += x.T @ x
 
             def on_grad(grad: torch.Tensor) -> None:  # must return None: a returned tensor would replace the gradient
-                layer.output_factor.add_(_gram(grad, layer.output_factor.dtype))
+                layer.output_factor.add_(_gram(positions(grad), layer.output_factor.dtype))
 
             output.register_hook(on_grad)
 

@@ -35,11 +35,14 @@ def supports_exact_ggn(subspace: AttributionSubspace, task) -> bool:
 
 
 def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Optional[torch.Tensor] = None,
-                  dtype: torch.dtype = torch.float64) -> Iterator[torch.Tensor]:
-    """For each factor slot of `task.output_curvature`, the rows J_iᵀ f of every example of `batch`: [B, p] each.
+                  dtype: torch.dtype = torch.float64, samples: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Rows a = J_iᵀ c of every example of `batch` ([B, p] per backward pass), with Σ aᵀa = Σ_i J_iᵀ (∇²_y ℓ_i) J_i.
 
-    Σ over slots of rowsᵀ rows is Σ_i J_iᵀ (∇²_y ℓ_i) J_i for the batch (not divided by its size). Rows of examples
-    without a factor in a slot are zero.
+    Exact (`samples` None): one backward pass per factor slot of `task.output_curvature` (position, factor); rows of
+    examples without a factor in a slot are zero. Sketched (`samples` = S): S passes, each with the cotangent
+    Σ_slots ξ f / √S per example (ξ = ±1, seeded): the sum of aᵀa is then an unbiased estimate, whatever the number
+    of slots — S backward passes per batch instead of positions × factors.
     """
     owners = linear_owners(subspace)
     if owners is None:
@@ -64,11 +67,9 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
                         f"{tuple(outputs.shape)} and {tuple(factors.shape)}.")
     n = outputs.shape[0]
     offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
-    present = factors.detach().abs().amax(dim=(0, 3)) > 0  # [positions, K]: slots some example has a factor in
+    factors = factors.detach()
     tensors = [output for _, _, output in calls]
-    for position, k in present.nonzero().tolist():
-        cotangent = torch.zeros_like(outputs)
-        cotangent[:, position] = factors[:, position, k].detach()
+    for cotangent in _cotangents(outputs, factors, samples, generator):
         grads = torch.autograd.grad(outputs, tensors, cotangent, retain_graph=True, allow_unused=True)
         rows = torch.zeros(n, subspace.dim, dtype=dtype, device=subspace.device)
         for (module, inputs, _), grad in zip(calls, grads):
@@ -86,13 +87,28 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
         yield rows
 
 
+def _cotangents(outputs: torch.Tensor, factors: torch.Tensor, samples: Optional[int], generator) -> Iterator[torch.Tensor]:
+    if samples is None:
+        present = factors.abs().amax(dim=(0, 3)) > 0  # [positions, K]: slots some example has a factor in
+        for position, k in present.nonzero().tolist():
+            cotangent = torch.zeros_like(outputs)
+            cotangent[:, position] = factors[:, position, k]
+            yield cotangent
+        return
+    for _ in range(samples):
+        signs = torch.randint(0, 2, factors.shape[:3], generator=generator, device="cpu").to(factors.device, factors.dtype) * 2 - 1
+        yield torch.einsum("bpk,bpkd->bpd", signs, factors) / samples**0.5
+
+
 def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
-              chunk_rows: int = 2048, progress: bool = False) -> torch.Tensor:
+              chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> torch.Tensor:
     """The [p, p] GGN of the mean training loss over `examples`, from per-example output Jacobians (float64 sums).
 
     Rows are computed in `dtype` and gathered `chunk_rows` at a time into one float64 product, so round-off stays at
-    float64's level whatever the model's dtype (the rows themselves carry the model's precision).
+    float64's level whatever the model's dtype (the rows themselves carry the model's precision). With `samples`,
+    each batch takes that many sketched passes (`jacobian_rows`): an unbiased estimate instead of the exact matrix.
     """
+    generator = torch.Generator().manual_seed(seed)
     p = subspace.dim
     matrix = torch.zeros(p, p, dtype=torch.float64, device=subspace.device)
     pending: list[torch.Tensor] = []
@@ -106,7 +122,7 @@ def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batc
 
     batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
     for batch in tqdm(batches, desc="Curvature (exact GGN)", disable=not progress):
-        for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype):
+        for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype, samples=samples, generator=generator):
             pending.append(rows)
             count += len(rows)
             if count >= chunk_rows:

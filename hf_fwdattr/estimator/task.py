@@ -104,6 +104,11 @@ class AttributionTask:
         """Whether `output_curvature` can run (it needs `outputs` and `loss_from_outputs`)."""
         return self.supports_ggn
 
+    def position_mask(self, batch: Any) -> Optional[torch.Tensor]:
+        """[B, positions] bool: which positions of a batch are real (not padding), for curvature statistics that
+        average over positions (the Kronecker factors); None when examples have no positions (default)."""
+        return None
+
     def collate(self, examples: Sequence[Any]) -> Any:
         """Turn a list of examples into a batch (default: `torch.utils.data.default_collate`)."""
         return default_collate(list(examples))
@@ -165,19 +170,68 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+LOSS_REDUCTIONS = ("sum", "token_mean", "mean")
+
+
 class CausalLMTask(AttributionTask):
-    """Causal language modelling: loss = summed token NLL of each example, measurement = summed log-likelihood.
+    """Causal language modelling: loss = token NLL of each example (reduced as training reduced it), measurement =
+    summed log-likelihood of the scored tokens.
 
     An example is a dict with ``input_ids`` and optionally ``labels`` (−100 marks tokens that are
     not scored, e.g. a query's prompt) and ``attention_mask``. Without ``labels`` every token after
     the first is scored. Batches are right-padded with `pad_token_id`; padding is never scored.
 
+    The simulated objective is the mean of the per-example losses, so the reduction fixes how examples weigh and the
+    units of the damping λ (it is added to this objective's curvature):
+
+    - ``"sum"``: the summed token NLL of the example (a document's loss is the sum over its tokens and chunks);
+    - ``"token_mean"``: the summed NLL divided by `tokens_per_example`, the mean number of scored tokens per training
+      example — every token weighs the same and the objective is the corpus's token mean, which is what
+      `transformers.Trainer` minimises for a causal LM (the batch's NLL sum over its scored tokens); the callback
+      uses this with the training set's own count;
+    - ``"mean"``: the example's mean token NLL (each example weighs the same, as some fine-tuning recipes do).
+
+    The measurement f_q is always the summed log-likelihood, whatever the reduction.
+
     Args:
         pad_token_id: id used to pad batches (any id works: padded positions are masked).
+        reduction: ``"sum"`` (default), ``"token_mean"`` or ``"mean"``.
+        tokens_per_example: for ``"token_mean"``: the mean number of scored tokens per training example.
     """
 
-    def __init__(self, pad_token_id: int = 0):
+    def __init__(self, pad_token_id: int = 0, reduction: str = "sum", tokens_per_example: Optional[float] = None):
         self.pad_token_id = int(pad_token_id)
+        if reduction not in LOSS_REDUCTIONS:
+            raise TaskError(f"`reduction` must be one of {LOSS_REDUCTIONS}, got {reduction!r}.")
+        if reduction == "token_mean" and not (isinstance(tokens_per_example, (int, float)) and tokens_per_example > 0):
+            raise TaskError("reduction='token_mean' needs `tokens_per_example` > 0: the mean number of scored tokens per "
+                            f"training example (got {tokens_per_example!r}); `CausalLMTask.tokens_per_example_of(examples)` counts it.")
+        self.reduction = reduction
+        self.tokens_per_example = None if tokens_per_example is None else float(tokens_per_example)
+
+    @staticmethod
+    def tokens_per_example_of(examples: Sequence[dict]) -> float:
+        """The mean number of scored tokens (labelled, after the first position) per example."""
+        counts = []
+        for example in examples:
+            ids = _to_tensor(example["input_ids"]).reshape(-1)
+            labels = _to_tensor(example["labels"]).reshape(-1) if example.get("labels") is not None else ids
+            counts.append(int((labels[1:] != IGNORE_INDEX).sum()))
+        if not counts or sum(counts) == 0:
+            raise EmptyDocumentsError("No scored token in the training examples: there is no loss to reduce.")
+        return sum(counts) / len(counts)
+
+    def describe(self) -> dict:
+        """The objective as JSON (recorded with an artifact)."""
+        return {"task": type(self).__name__, "reduction": self.reduction, "tokens_per_example": self.tokens_per_example}
+
+    def _example_weights(self, scored: torch.Tensor) -> torch.Tensor:
+        """[B] weight of each example's summed NLL under the reduction (`scored`: [B, T] mask of scored tokens)."""
+        if self.reduction == "sum":
+            return torch.ones(scored.shape[0], dtype=torch.float64, device=scored.device)
+        if self.reduction == "token_mean":
+            return torch.full((scored.shape[0],), 1.0 / self.tokens_per_example, dtype=torch.float64, device=scored.device)
+        return 1.0 / scored.sum(dim=1).clamp_min(1).to(torch.float64)
 
     def collate(self, examples: Sequence[dict]) -> dict:
         if not examples:
@@ -218,10 +272,17 @@ class CausalLMTask(AttributionTask):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # log-softmax over a vocabulary needs more than half precision
         token_nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        return (token_nll * (labels != IGNORE_INDEX)).sum(dim=1)
+        scored = labels != IGNORE_INDEX
+        return (token_nll * scored).sum(dim=1) * self._example_weights(scored).to(token_nll.dtype)
 
     def measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return -self.train_loss(model, batch)
+        labels = batch["labels"][:, 1:]
+        logits = self.outputs(model, batch)[:, :-1]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        labels = labels.to(logits.device)
+        token_nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return -(token_nll * (labels != IGNORE_INDEX)).sum(dim=1)
 
     def token_measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Per-token log-likelihoods, shape [batch_size, sequence_length]: entry (i, t) is log p(token t | tokens < t)
@@ -274,12 +335,16 @@ class CausalLMTask(AttributionTask):
         second = torch.einsum("btv,vd,ve->btde", probabilities, w, w)
         curvature = second - mean[..., :, None] * mean[..., None, :]
         scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(curvature.device)
-        factors = _psd_factors(curvature) * scored[..., None, None]
+        weights = self._example_weights(scored).sqrt()[:, None, None, None]  # the loss of example i is scaled by w_i
+        factors = _psd_factors(curvature) * scored[..., None, None] * weights
         return features, factors.to(features.dtype)
 
     @property
     def supports_output_curvature(self) -> bool:
         return True
+
+    def position_mask(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"].bool()
 
     def sampled_loss_from_outputs(self, outputs: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
         labels = batch["labels"].to(outputs.device)[:, 1:]
@@ -288,7 +353,8 @@ class CausalLMTask(AttributionTask):
             probabilities = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
             sampled = torch.multinomial(probabilities, 1, generator=generator).reshape(labels.shape)
         token_nll = F.cross_entropy(logits.transpose(1, 2), sampled, reduction="none")
-        return (token_nll * (labels != IGNORE_INDEX)).sum(dim=1)
+        scored = labels != IGNORE_INDEX
+        return (token_nll * scored).sum(dim=1) * self._example_weights(scored).to(token_nll.dtype)
 
     @staticmethod
     def query_example(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> dict:

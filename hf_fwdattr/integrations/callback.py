@@ -15,7 +15,7 @@ from ..estimator.subspace import AttributionSubspace, SubspaceSpec, find_peft_ad
 from ..estimator.task import AttributionTask, CausalLMTask
 from ..storage.artifact import InfluenceArtifact
 from .build import build_influence_artifact
-from .data import check_documents_dataset, documents_from_dataset, examples_from_dataset
+from .data import check_documents_dataset, documents_from_dataset, examples_from_dataset, rows_as_trained
 
 logger = logging.get_logger(__name__)
 
@@ -103,13 +103,15 @@ class ForwardAttributionCallback(TrainerCallback):
         config = getattr(model, "config", None)
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    def _task(self, model, processing_class) -> AttributionTask:
+    def _task(self, model, processing_class, train_examples: list) -> AttributionTask:
+        """The task given, or a causal LM task with Trainer's objective: the token mean of the NLL over the training set."""
         if self.task is not None:
             return self.task
         pad = getattr(processing_class, "pad_token_id", None)
         if pad is None:
             pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-        return CausalLMTask(pad_token_id=pad if pad is not None else 0)
+        return CausalLMTask(pad_token_id=pad if pad is not None else 0, reduction="token_mean",
+                            tokens_per_example=CausalLMTask.tokens_per_example_of(train_examples))
 
     def _subspace_request(self, model) -> tuple[Any, dict]:
         """(spec, keyword arguments) for `AttributionSubspace.build`."""
@@ -121,13 +123,15 @@ class ForwardAttributionCallback(TrainerCallback):
 
     def _inputs(self, model, processing_class, train_dataloader):
         dataset = getattr(train_dataloader, "dataset", None)
+        keep = [c for c in (self.document_column, self.source_column, self.text_column, *self.metadata_columns) if c]
+        trained = rows_as_trained(dataset, getattr(train_dataloader, "collate_fn", None), keep) if dataset is not None else None
         documents = documents_from_dataset(
-            self.documents if self.documents is not None else dataset, self.document_column, self.source_column,
+            self.documents if self.documents is not None else trained, self.document_column, self.source_column,
             self._context_length(model), self.text_column, processing_class, self.metadata_columns,
         )
-        train = self.train_examples if self.train_examples is not None else dataset
-        examples = train if isinstance(train, list) else examples_from_dataset(train, self._context_length(model))
-        return documents, examples, self._task(model, processing_class)
+        train = self.train_examples if self.train_examples is not None else trained
+        examples = train if isinstance(train, list) and train is not trained else examples_from_dataset(train, self._context_length(model))
+        return documents, examples, self._task(model, processing_class, examples)
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
@@ -155,9 +159,13 @@ class ForwardAttributionCallback(TrainerCallback):
             progress=not args.disable_tqdm, **arguments,
         )
         seconds = time.perf_counter() - start
+        if args.weight_decay and not self.config.weight_decay and state.is_world_process_zero:
+            logger.info("TrainingArguments.weight_decay = %g is AdamW's decoupled decay, not a term of the loss, so the simulated "
+                        "objective leaves it out; set AttributionConfig(weight_decay=...) to simulate an L2 term.", args.weight_decay)
         if state.is_world_process_zero and artifact is not None:
             ratio = seconds / training_seconds if training_seconds else float("nan")
-            artifact.simulation.update(training_seconds=training_seconds, cost_vs_training=ratio)
+            objective = task.describe() if hasattr(task, "describe") else {"task": type(task).__name__}
+            artifact.simulation.update(training_seconds=training_seconds, cost_vs_training=ratio, objective=objective)
             artifact.save_pretrained(output_dir)
             logger.info("Influence artifact written to %s: the simulation took %.1fs, %.2f× the training time.", output_dir, seconds, ratio)
             push = args.push_to_hub if self.push_to_hub is None else self.push_to_hub

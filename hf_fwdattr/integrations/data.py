@@ -7,15 +7,19 @@ document's loss (and gradient) is the sum over its chunks.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+import torch
 
 from ..errors import DocumentsError, DuplicateDocumentError, EmptyDocumentsError
 from ..estimator.documents import DocumentSet
 from ..estimator.task import IGNORE_INDEX
 
 _EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask")
+logger = logging.getLogger(__name__)
 
 
 def _column_names(dataset: Any) -> list[str]:
@@ -148,3 +152,29 @@ def examples_from_dataset(dataset: Any, max_length: Optional[int] = None) -> lis
         if len(row["input_ids"]) >= 2:
             examples.extend(split_into_chunks(row, max_length))
     return examples
+
+
+def rows_as_trained(dataset: Any, collate_fn: Any, keep_columns: Sequence[str] = ()) -> list[dict]:
+    """Every row of `dataset` as the training step saw it: passed alone through the trainer's data collator (so labels
+    carry its masks — completion-only prompts, padding that equals the end-of-sequence token), padding stripped,
+    with `keep_columns` (ids, sources, ...) copied from the row. Falls back to the rows as stored when there is no
+    collator or it cannot collate one row into ``input_ids``."""
+    stored = [dict(row) for row in _rows(dataset, _column_names(dataset))]
+    if collate_fn is None:
+        return stored
+    rows = []
+    for row in stored:
+        try:
+            batch = collate_fn([dict(row)])
+            ids = batch["input_ids"][0]
+        except Exception as err:  # a collator that needs other inputs: keep the stored columns, say so once
+            logger.warning("The trainer's data collator could not collate one row (%r); using the dataset's own input_ids/labels "
+                           "for attribution, which may differ from what training scored.", err)
+            return stored
+        mask = batch.get("attention_mask")
+        keep = mask[0].bool() if mask is not None else torch.ones(len(ids), dtype=torch.bool)
+        labels = batch.get("labels")
+        collated = {"input_ids": ids[keep].tolist(), "labels": None if labels is None else labels[0][keep].tolist()}
+        collated.update({column: row.get(column) for column in keep_columns if column in row})
+        rows.append(collated)
+    return rows

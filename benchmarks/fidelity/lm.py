@@ -1,0 +1,120 @@
+"""The language-model fact benchmark (`hf-fwdattr evaluate`'s fact model) on a given corpus seed, with LDS ground truth.
+
+    python -m benchmarks.fidelity.lm --seed 1 --ground-truth     # build the model and its retrainings (resumable)
+
+Seed 0 chose the estimator's settings; seed 1 reports them. Each seed has its own cache folder, model and ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / "cache"
+
+
+def setup(seed: int) -> dict:
+    """The fact model of corpus `seed` (built once under cache/lm-seed<seed>/) and what the benchmark needs of it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fwdattr import CausalLMTask, InfluenceArtifact
+    from hf_fwdattr.evaluation.fact_data import query_examples, tokenized_documents
+    from hf_fwdattr.evaluation.fact_tracing import default_fact_model
+
+    model_dir, influence_dir, data = default_fact_model(CACHE / f"lm-seed{seed}" / "fact_model", seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    artifact = InfluenceArtifact.from_pretrained(influence_dir)
+    document_set = tokenized_documents(data, tokenizer, artifact)
+    documents = [{"document_id": d, "input_ids": e["input_ids"]} for d, e in zip(document_set.document_ids, document_set.examples)]
+    return {
+        "seed": seed, "model_dir": Path(model_dir), "data": data, "tokenizer": tokenizer,
+        "model": AutoModelForCausalLM.from_pretrained(model_dir).eval(), "artifact": artifact, "document_set": document_set,
+        "documents": documents, "queries": query_examples(data, tokenizer), "task": CausalLMTask(pad_token_id=tokenizer.pad_token_id),
+    }
+
+
+def ground_truth(setup: dict, n_subsets: int = 64, seeds: int = 2) -> dict:
+    """LDS ground truth: the fine-tune retrained on `n_subsets` random halves × `seeds` (benchmarks.lm.ground_truth)."""
+    from benchmarks.lm.ground_truth import generate
+
+    return generate(f"fidelity-lm-seed{setup['seed']}", setup["model_dir"], setup["documents"], setup["queries"], setup["task"],
+                    n_subsets, seeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ground-truth", action="store_true", help="Build the model and its LDS ground truth (cached).")
+    args = parser.parse_args()
+    made = setup(args.seed)
+    if args.ground_truth:
+        ground_truth(made)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def _counting_padding(pad_token_id: int):
+    from hf_fwdattr import CausalLMTask
+
+    class CountingPadding(CausalLMTask):
+        """CausalLMTask whose Kronecker factors count padded positions, as they did before issue 15."""
+
+        def position_mask(self, batch):
+            return None
+
+    return CountingPadding(pad_token_id)
+
+
+def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(8, 32), log=print) -> dict:
+    """Scores [Q, N] of every contender in the fact model's LoRA subspace, with the wall and CPU time each took.
+
+    exact: −∇f_qᵀ(H + λI)⁻¹g_b with H the exact full-batch GGN over the training documents (K → ∞);
+    exact_K: the closed form at horizon K in that exact eigenbasis; kronecker: the closed form in the EK-FAC
+    eigenbasis; sketched_S: the closed form in the eigenbasis of the GGN sketched with S passes per batch;
+    defaults: `simulate_responses` with `AttributionConfig()` (whatever eigenbasis 'auto' picks).
+    """
+    import time
+
+    import torch
+
+    from hf_fwdattr import AttributionConfig, AttributionSubspace, simulate_responses
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.ggn import exact_ggn
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
+
+    model, task, documents, queries = setup["model"], setup["task"], setup["document_set"], setup["queries"]
+    train = list(documents.examples)
+    out = {"scores": {}, "seconds": {}, "cpu_seconds": {}}
+
+    def timed(name, fn):
+        start, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        out["seconds"][name], out["cpu_seconds"][name] = time.perf_counter() - start, time.process_time() - cpu
+        log(f"{name}: {out['seconds'][name]:.1f}s wall, {out['cpu_seconds'][name]:.1f}s CPU")
+        return value
+
+    with AttributionSubspace.build(model, "peft") as subspace:
+        out["dim"] = subspace.dim
+        gradients = timed("document_gradients", lambda: document_gradients(subspace, task, documents, dtype=torch.float64))
+        query = query_gradients(subspace, task, queries, dtype=torch.float64)
+
+        def closed(basis, k):
+            step = 1.0 / (basis.max_eigenvalue + damping)
+            return query @ basis.filter(gradients, horizon_filter(step, k, damping)).T
+
+        matrix = timed("exact_ggn", lambda: exact_ggn(subspace, task, train, 16))
+        exact = timed("exact_eigh", lambda: ExplicitEigenbasis.from_matrix(matrix))
+        out["scores"]["exact"] = closed(exact, None)
+        out["scores"][f"exact_K{horizon}"] = closed(exact, horizon)
+        kronecker = timed("kronecker", lambda: KroneckerEigenbasis.estimate(subspace, task, train, 16, dtype=torch.float64))
+        out["scores"]["kronecker"] = closed(kronecker, horizon)
+        unmasked = KroneckerEigenbasis.estimate(subspace, _counting_padding(task.pad_token_id), train, 16, dtype=torch.float64)
+        out["scores"]["kronecker_counting_padding"] = closed(unmasked, horizon)  # the factors before issue 15
+        for s in samples:
+            sketched = timed(f"sketched_{s}", lambda: ExplicitEigenbasis.from_matrix(exact_ggn(subspace, task, train, 16, samples=s)))
+            out["scores"][f"sketched_{s}"] = closed(sketched, horizon)
+        result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
+        out["scores"]["defaults"] = query @ result.responses.double().T
+    return out
