@@ -41,14 +41,32 @@ def ground_truth(setup: dict, n_subsets: int = 64, seeds: int = 2) -> dict:
                     n_subsets, seeds)
 
 
+def summary(scores: dict, reference: str = "exact") -> dict:
+    """Per-query Spearman of every contender against `reference` (mean, min)."""
+    from hf_fwdattr.stats import spearman_rows
+
+    out = {}
+    for name, values in scores.items():
+        rho = spearman_rows(scores[reference], values)
+        out[name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
+    return out
+
+
 def main() -> None:
+    import json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ground-truth", action="store_true", help="Build the model and its LDS ground truth (cached).")
+    parser.add_argument("--contenders", action="store_true", help="Score every contender and print their agreement with exact influence.")
     args = parser.parse_args()
     made = setup(args.seed)
     if args.ground_truth:
         ground_truth(made)
+    if args.contenders:
+        result = contenders(made)
+        print(json.dumps({"dim": result["dim"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+                          "agreement": summary(result["scores"])}, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,13 +116,18 @@ class AttributionConfig:
 
     damping: float = field(
         default=1e-3,
-        metadata={"help": "λ, added to the curvature: u_b = −(H + λI)⁻¹ g_b. Must be >= 0 (> 0 for the Hessian)."},
+        metadata={
+            "help": "λ, added to the curvature: u_b = −(H + λI)⁻¹ g_b. Must be >= 0 (> 0 for the Hessian). Its unit is that of H, the "
+            "curvature of the mean per-example training loss as the task reduces it (with the callback's token-mean objective: "
+            "per-token curvature), in the subspace's coordinates."
+        },
     )
     weight_decay: float = field(
         default=0.0,
         metadata={
-            "help": "The (weight_decay / 2)‖θ‖² term of the training objective, on the subspace coordinates (the trainable "
-            "or PEFT parameters themselves). A model trained with weight decay is stationary only with it: the linearised "
+            "help": "An L2 term (weight_decay / 2)‖θ‖² of the training objective, on the subspace coordinates (the trainable "
+            "or PEFT parameters themselves). This is coupled weight decay (a term of the loss); AdamW's decoupled decay "
+            "(TrainingArguments.weight_decay) is not one and is not copied here. A model trained with an L2 term is stationary only with it: the linearised "
             "recursion adds weight_decay·u (as damping does), the trajectory solvers add weight_decay·(θ* + v) to the gradient. "
             "Must be >= 0."
         },

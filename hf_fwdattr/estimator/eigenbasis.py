@@ -271,6 +271,16 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
                 "Use a LoRA or projection subspace, solver='linearized', or raise explicit_max_dim (the explicit eigenbasis "
                 "costs one curvature product per coordinate and batch, and p² memory)."
             )
+        if choice is Eigenbasis.EXPLICIT:
+            how = ("exact GGN from per-example output Jacobians" if config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task)
+                   else f"exact {config.curvature.value} from curvature-vector products")
+            logger.info("eigenbasis='auto': explicit eigenbasis (%s), since the subspace's %d coordinates are at most explicit_max_dim = %d.",
+                        how, subspace.dim, config.explicit_max_dim)
+        else:
+            logger.warning("eigenbasis='auto': the subspace has %d coordinates, more than explicit_max_dim = %d, so the closed form runs in "
+                           "the Kronecker-factored (EK-FAC) eigenbasis — an approximation of the GGN (per-layer blocks, Kronecker "
+                           "factors). Raise explicit_max_dim (p² memory, an eigendecomposition of p × p) for the exact curvature.",
+                           subspace.dim, config.explicit_max_dim)
     examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
     if choice is Eigenbasis.EXPLICIT:
         return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype, progress=progress)
