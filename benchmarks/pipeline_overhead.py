@@ -1,10 +1,13 @@
-"""What attribution adds to generation (issue 7): plain text-generation vs attributed generation vs the
-classical readout (one backward per query, dot products with the same stored responses).
+"""What attribution adds to generation (issues 7 and 17): plain text-generation vs attributed generation (documents,
+sources, per token; each readout mode; the batched LoRA engine and the functional one) vs the classical readout (one
+backward per query, dot products with the same stored responses).
 
 All contenders run in one process, interleaved prompt by prompt, on the demo's fact model and artifact
-(built first if `--demo-dir` holds none). Greedy decoding, `--new-tokens` tokens per answer.
+(built first if `--demo-dir` holds none). Greedy decoding, `--new-tokens` tokens per answer. Each contender's
+median wall time and median CPU time (this process's) per prompt are reported: the machine is shared, and CPU
+time is what contention from other processes leaves least changed.
 
-    .venv/bin/python benchmarks/pipeline_overhead.py --demo-dir runs/demo
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline_overhead.py --demo-dir runs/demo
 """
 
 from __future__ import annotations
@@ -41,53 +44,71 @@ def main() -> None:
     if not (directory / "influence" / "attribution_config.json").is_file():
         train_fact_model(directory)
     questions = fact_corpus()["questions"][: args.prompts]
-    plain = pipeline("text-generation", model=str(directory / "model"))
-    attributed = pipeline("attributed-text-generation", model=str(directory / "model"), influence=str(directory / "influence"))
-    by_mode = {mode: pipeline("attributed-text-generation", model=str(directory / "model"), influence=str(directory / "influence"), readout=mode)
-               for mode in ("central_difference", "one_sided")}
-    artifact, tokenizer = attributed.influence, attributed.tokenizer
+    model_dir, influence_dir = str(directory / "model"), str(directory / "influence")
+    plain = pipeline("text-generation", model=model_dir)
+
+    def attributed(mode: str, engine: str = "auto"):
+        return pipeline("attributed-text-generation", model=model_dir, influence=influence_dir, readout=mode, readout_engine=engine)
+
+    pipes = {(mode, engine): attributed(mode, engine) for mode in ("jvp", "central_difference", "one_sided") for engine in ("lora_batch", "functional")}
+    reference = pipes[("jvp", "lora_batch")]
+    artifact, tokenizer = reference.influence, reference.tokenizer
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
-    subspace = attributed.scorer.subspace
+    subspace = reference.scorer.subspace
     responses = artifact.responses()
     generation = {"max_new_tokens": args.new_tokens, "do_sample": False}
 
-    def classical(prompt: str) -> torch.Tensor:
+    def answer_ids(prompt: str) -> tuple[list[int], list[int]]:
         text = plain(prompt, **generation)[0]["generated_text"]
         prompt_ids = tokenizer(prompt)["input_ids"]
-        continuation = tokenizer(text)["input_ids"][len(prompt_ids):]
+        return prompt_ids, tokenizer(text)["input_ids"][len(prompt_ids):]
+
+    def classical(prompt: str) -> torch.Tensor:
+        prompt_ids, continuation = answer_ids(prompt)
         gradient = query_gradients(subspace, task, [CausalLMTask.query_example(prompt_ids, continuation)])
         return gradient @ responses.T
 
-    contenders = {
-        "text-generation": lambda p: plain(p, **generation),
-        "attributed, documents, jvp (N directions)": lambda p: attributed(p, top_k=5, **generation),
-        "attributed, documents, central difference": lambda p: by_mode["central_difference"](p, top_k=5, **generation),
-        "attributed, documents, one-sided": lambda p: by_mode["one_sided"](p, top_k=5, **generation),
-        "attributed, sources, jvp (S directions)": lambda p: attributed(p, top_k=3, aggregate="source", **generation),
-        "attributed, sources, central difference": lambda p: by_mode["central_difference"](p, top_k=3, aggregate="source", **generation),
-        "classical: backward per query · stored responses": classical,
-    }
+    def one_query_per_token(prompt: str) -> torch.Tensor:
+        """What per_token=True did before issue 17: one more query per generated token, functional engine."""
+        prompt_ids, continuation = answer_ids(prompt)
+        queries = [CausalLMTask.query_example(prompt_ids, continuation)]
+        queries += [{"input_ids": prompt_ids + continuation[: i + 1], "labels": [-100] * (len(prompt_ids) + i) + [token]}
+                    for i, token in enumerate(continuation)]
+        return pipes[("jvp", "functional")].scorer.source_scores(queries)
+
+    contenders = {"text-generation": lambda p: plain(p, **generation)}
+    for aggregate, top_k in (("document", 5), ("source", 3)):
+        for mode in ("jvp", "central_difference", "one_sided"):
+            for engine in ("lora_batch", "functional"):
+                pipe = pipes[(mode, engine)]
+                contenders[f"{aggregate}s, {mode}, {engine}"] = (
+                    lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, top_k=top_k, aggregate=aggregate, **generation))
+        for mode in ("jvp", "central_difference"):
+            pipe = pipes[(mode, "lora_batch")]
+            contenders[f"{aggregate}s, {mode}, lora_batch, per_token=True"] = (
+                lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, top_k=top_k, aggregate=aggregate, per_token=True, **generation))
+    contenders["sources, jvp, per_token as before: one query per token, functional"] = one_query_per_token
+    contenders["classical: backward per query · stored responses"] = classical
+
     for run in contenders.values():  # warm-up
         run(questions[0]["prompt"])
-    times = {name: [] for name in contenders}
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
     for _ in range(args.repeats):
         for question in questions:
             for name, run in contenders.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run(question["prompt"])
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["text-generation"])
-    rows = []
-    for name, values in times.items():
-        median = statistics.median(values)
-        rows.append({"contender": name, "median_ms": 1000 * median, "ratio_to_generation": median / base})
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    base_wall, base_cpu = statistics.median(wall["text-generation"]), statistics.median(cpu["text-generation"])
     info = {"documents": artifact.num_documents, "sources": len(artifact.source_names), "dim": artifact.dim,
-            "readout": artifact.config.readout.value, "prompts": len(questions), "repeats": args.repeats,
-            "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+            "prompts": len(questions), "repeats": args.repeats, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
     print(json.dumps(info))
-    print("\n| contender | median per prompt (ms) | × text-generation |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['contender']} | {row['median_ms']:.1f} | {row['ratio_to_generation']:.2f} |")
+    print("\n| contender | wall ms | × generation (wall) | CPU ms | × generation (CPU) |\n|---|---|---|---|---|")
+    for name in contenders:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"| {name} | {1000 * w:.1f} | {w / base_wall:.2f} | {1000 * c:.1f} | {c / base_cpu:.2f} |")
 
 
 if __name__ == "__main__":

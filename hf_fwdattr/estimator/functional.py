@@ -52,7 +52,8 @@ class TaskFunction:
         return torch.func.functional_call(self._call, prefixed, (self.method, batch), strict=False)
 
 
-def _pretrained_models(model: nn.Module) -> list[nn.Module]:
+def pretrained_models(model: nn.Module) -> list[nn.Module]:
+    """The transformers models inside `model` (itself included) whose attention implementation can be switched."""
     found = []
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -74,7 +75,7 @@ def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Ite
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     switched = []
-    for module in _pretrained_models(model):
+    for module in pretrained_models(model):
         implementation = module.config._attn_implementation
         if implementation not in _FORWARD_AD_ATTENTION:
             module.set_attn_implementation("sdpa")
@@ -91,6 +92,9 @@ def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Ite
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Put the model in eval mode (no dropout) and restore each module's training flag afterwards."""
     flags = {m: m.training for m in model.modules()}
+    if not any(flags.values()):  # already in eval mode (a pipeline's model): nothing to switch
+        yield
+        return
     model.eval()
     try:
         yield

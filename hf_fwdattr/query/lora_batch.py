@@ -9,9 +9,9 @@ batched over d; everything else in the model runs once, unchanged, on the larger
 - `LoRABatchEngine.values`: f at θ* + δ_d for every d (difference and removal readouts), under
   `torch.inference_mode`; layer output = base(x) + s·(x (A + a_d)ᵀ)(B + b_d)ᵀ.
 - `LoRABatchEngine.tangents`: the exact directional derivatives ∇fᵀu_d. Each LoRA layer writes its tangent out
-  by hand, s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] plus the incoming tangent through its effective weight W + s·BA (and every
-  plain `nn.Linear` carries its tangent by hand too); the rest of the network carries it by forward-mode AD
-  (`torch.autograd.forward_ad` under `no_grad`). No backward pass and no `torch.func` transform runs.
+  by hand, s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] plus the incoming tangent through its effective weight W + s·BA; plain
+  linear layers and attention carry theirs by hand too (`tangent_layers`); the rest of the network carries it by
+  forward-mode AD (`torch.autograd.forward_ad` under `no_grad`). No backward pass and no `torch.func` transform runs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ReadoutError
 from ..estimator.functional import differentiable_attention
 from ..estimator.subspace import AttributionSubspace
+from .tangent_layers import attention_with_tangents, is_linear, linear_tangent_forward, rms_norm_epsilon, rms_norm_tangent_forward, zero_tangent_outputs
 
 _MATRICES = ("lora_A", "lora_B")
 
@@ -115,6 +116,15 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
     return effective.T if module.fan_in_fan_out else effective  # GPT-2's Conv1D keeps [in, out]
 
 
+def _weights_state(module: nn.Module) -> tuple:
+    """What the effective weight depends on: the tensors' identities and in-place versions, adapters and scalings."""
+    tensors = [module.get_base_layer().weight]
+    names = tuple(name for name in module.active_adapters if name in module.lora_A)
+    for name in names:
+        tensors += [module.lora_A[name].weight, module.lora_B[name].weight]
+    return names, tuple((id(t), t._version) for t in tensors), tuple(module.scaling[name] for name in names)
+
+
 class LoRABatchEngine:
     """Evaluates a task method for many directions of a LoRA-shaped subspace in one batched forward.
 
@@ -132,6 +142,8 @@ class LoRABatchEngine:
             raise ReadoutError(f"The batched LoRA readout needs a subspace of LoRA A/B weights; here {reason}. Use engine='functional'.")
         self.subspace = subspace
         self.layers = layers
+        self._effective: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
+        self._norms: dict[nn.Module, Optional[float]] = {}
 
     @staticmethod
     def supports(subspace: AttributionSubspace) -> bool:
@@ -201,12 +213,27 @@ class LoRABatchEngine:
         # forward AD records its tangents outside inference mode (dual tensors there silently lose them); no_grad keeps
         # autograd from recording anything for a backward pass
         with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level(), differentiable_attention(model), \
-                self._tangent_layers(directions, rows):
+                attention_with_tangents(model), self._tangent_layers(directions, rows):
             out = method(model, _repeat_batch(batch, copies))
             tangent = forward_ad.unpack_dual(out).tangent
         if tangent is None:  # f does not depend on the subspace here
             tangent = torch.zeros_like(out)
         return tangent.reshape(copies, rows, *out.shape[1:])
+
+    def _rms_norm_epsilon(self, module: nn.Module) -> Optional[float]:
+        """`rms_norm_epsilon`, probed once per module."""
+        if module not in self._norms:
+            self._norms[module] = rms_norm_epsilon(module) if not isinstance(module, (nn.Linear, nn.Embedding)) else None
+        return self._norms[module]
+
+    def _effective_weight(self, module: nn.Module) -> torch.Tensor:
+        """`_effective_weight`, recomputed only when a weight, the active adapters or a scaling changed."""
+        state = _weights_state(module)
+        cached = self._effective.get(module)
+        if cached is None or cached[0] != state:
+            cached = (state, _effective_weight(module))
+            self._effective[module] = cached
+        return cached[1]
 
     @contextlib.contextmanager
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
@@ -217,58 +244,53 @@ class LoRABatchEngine:
             module = layer.module
             if not _applies(module, layer.adapter):
                 continue
-            effective = _effective_weight(module)
-            a_weight, b_weight = module.lora_A[layer.adapter].weight.detach(), module.lora_B[layer.adapter].weight.detach()
-            scaling = module.scaling[layer.adapter]
-            # tangent of s·(x Aᵀ)Bᵀ along (a_d, b_d) at fixed x: s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] = [x a_dᵀ, x Aᵀ] · s[Bᵀ; b_dᵀ]
-            inner, outer = [], []
-            if layer.a is not None:
-                inner.append(directions[:, layer.a].reshape(copies, *a_weight.shape).to(a_weight.dtype))
-                outer.append((scaling * b_weight.T).expand(copies, *b_weight.T.shape))
-            if layer.b is not None:
-                inner.append(a_weight.expand(copies, *a_weight.shape))
-                outer.append(scaling * directions[:, layer.b].reshape(copies, *b_weight.shape).to(b_weight.dtype).transpose(1, 2))
-            inner_t = torch.cat(inner, dim=1).transpose(1, 2).contiguous()  # [copies, in, r or 2r]
-            outer_t = torch.cat(outer, dim=1).contiguous()  # [copies, r or 2r, out]
-            patched.append((module, _tangent_forward(module, effective, inner_t, outer_t, batch_rows)))
+            if any(_has_variant(module, name) for name in module.active_adapters if name in module.lora_A):
+                raise ReadoutError(f"A layer with the subspace's adapter also runs a LoRA variant (DoRA, LoRA bias, ...) of another active "
+                                   "adapter; the batched JVP writes out plain LoRA layers only. Use engine='functional'.")
+            a_weight, b_weight = module.lora_A[layer.adapter].weight, module.lora_B[layer.adapter].weight
+            # views of the block (no copies for a contiguous one): a_dᵀ [copies, in, r], b_dᵀ [copies, r, out]
+            a_t = None if layer.a is None else directions[:, layer.a].reshape(copies, *a_weight.shape).transpose(1, 2)
+            b_t = None if layer.b is None else directions[:, layer.b].reshape(copies, *b_weight.shape).transpose(1, 2)
+            patched.append((module, _tangent_forward(module, layer.adapter, self._effective_weight(module), a_t, b_t, batch_rows)))
             handled.add(module.get_base_layer())
         for module in self.subspace.model.modules():
-            if type(module) is nn.Linear and module not in handled:
-                patched.append((module, _linear_tangent_forward(module)))
+            if is_linear(module) and module not in handled:
+                patched.append((module, linear_tangent_forward(module)))
+            elif self._rms_norm_epsilon(module) is not None:
+                patched.append((module, rms_norm_tangent_forward(module, self._rms_norm_epsilon(module))))
+            elif next(module.children(), None) is None and next(module.parameters(), None) is None:
+                patched.append((module, zero_tangent_outputs(module)))
         with _patched_forwards(patched):
             yield
 
 
-def _tangent_forward(module: nn.Module, effective: torch.Tensor, inner_t: torch.Tensor, outer_t: torch.Tensor, batch_rows: int):
-    """The LoRA layer's forward carrying its tangent by hand: primal as PEFT computes it, tangent
-    x_t W_effᵀ (the incoming tangent) + the layer's own (x a_dᵀ)·sBᵀ + (x Aᵀ)·s b_dᵀ."""
-    original = type(module).forward
-    copies = inner_t.shape[0]
+def _tangent_forward(module: nn.Module, adapter: str, effective: torch.Tensor, a_t: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
+                     batch_rows: int):
+    """The LoRA layer's forward carrying its tangent by hand: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the
+    merged weight), the tangent x_t W_effᵀ (the incoming one) plus the layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ]."""
+    a_weight, b_weight = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
+    scaling = module.scaling[adapter]
+    bias = module.get_base_layer().bias
+    copies = (a_t if a_t is not None else b_t).shape[0]
+    scaled_b = (b_weight * scaling).T  # [r, out]
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_rows(x, batch_rows)
         primal, incoming = forward_ad.unpack_dual(x)
-        out = original(module, primal, *args, **kwargs)
-        h = primal.to(inner_t.dtype)
-        own = torch.bmm(torch.bmm(h.reshape(copies, -1, h.shape[-1]), inner_t), outer_t)
-        tangent = own.reshape(*out.shape[:-1], own.shape[-1]).to(out.dtype)
+        h = primal.to(effective.dtype)
+        out = F.linear(h, effective, bias)
+        h = h.reshape(copies, -1, h.shape[-1])
+        own = None
+        if a_t is not None:
+            own = torch.bmm(h, a_t.to(h.dtype)) @ scaled_b
+        if b_t is not None:
+            moved = torch.bmm(h @ a_weight.T, b_t.to(h.dtype)) * scaling
+            own = moved if own is None else own + moved
+        tangent = own.reshape(out.shape)
         if incoming is not None:
-            tangent = tangent + F.linear(incoming.to(effective.dtype), effective).to(out.dtype)
-        return forward_ad.make_dual(out, tangent)
-
-    return forward
-
-
-def _linear_tangent_forward(module: nn.Linear):
-    """An `nn.Linear` carrying its tangent by hand (x_t Wᵀ): the same numbers as forward AD's, without its overhead
-    for an operand that has no tangent."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        primal, incoming = forward_ad.unpack_dual(x)
-        out = F.linear(primal, module.weight, module.bias)
-        if incoming is None:
-            return out
-        return forward_ad.make_dual(out, F.linear(incoming, module.weight))
+            tangent = tangent + F.linear(incoming.to(effective.dtype), effective)
+        dtype = primal.dtype
+        return forward_ad.make_dual(out.to(dtype), tangent.to(dtype))
 
     return forward
 
