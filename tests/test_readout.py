@@ -280,3 +280,57 @@ def test_batched_engine_follows_an_adapter_that_is_off(lm_task, state):
             for engine in ENGINES:
                 scores = ForwardReadout(subspace, lm_task, mode, engine=engine).scores(queries, directions)
                 assert scores.abs().max() < 1e-4, (mode, engine)
+
+
+# ---------------------------------------------------------------------- layers that carry their tangents by hand
+@pytest.mark.parametrize("masking", ["causal", "boolean", "additive"])
+def test_hand_written_attention_tangent_equals_forward_ad(masking):
+    """Attention's tangent written out equals forward AD through SDPA's math kernel: grouped heads, padding, a query row
+    with no key to attend to."""
+    import torch.autograd.forward_ad as forward_ad
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_fwdattr.query.tangent_layers import tangent_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, width = 2, 4, 2, 5, 8
+    q, q_t = (torch.randn(batch, heads, length, width, generator=generator) for _ in range(2))
+    k, k_t, v, v_t = (torch.randn(batch, kv_heads, length, width, generator=generator) for _ in range(4))
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    allowed[1, :, :, :2] = False  # the second row is left-padded by two tokens: its first query sees no key
+    mask = {"causal": None, "boolean": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))}[masking]
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    with torch.no_grad(), forward_ad.dual_level():
+        duals = [forward_ad.make_dual(p, t) for p, t in ((q, q_t), (k, k_t), (v, v_t))]
+        out, _ = tangent_attention(module, *duals, mask, scaling=0.3)
+        out, tangent = forward_ad.unpack_dual(out)
+        expanded = [duals[0]] + [d.repeat_interleave(2, dim=1) for d in duals[1:]]
+        with sdpa_kernel(SDPBackend.MATH):
+            reference = F.scaled_dot_product_attention(*expanded, attn_mask=mask, is_causal=mask is None, scale=0.3)
+        reference, reference_tangent = forward_ad.unpack_dual(reference.transpose(1, 2))
+    finite = torch.isfinite(reference)  # SDPA gives NaN for a query with no key; the hand-written one gives 0
+    assert not torch.isnan(out).any() and not torch.isnan(tangent).any()
+    torch.testing.assert_close(out[finite], reference[finite], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tangent[finite], reference_tangent[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norms_are_recognised_by_what_they_compute():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from hf_fwdattr.query.tangent_layers import rms_norm_epsilon
+
+    norm = LlamaRMSNorm(8, eps=1e-5)
+    assert rms_norm_epsilon(norm) == 1e-5
+
+    class OnePlusWeight(LlamaRMSNorm):  # Gemma's variant scales by (1 + w): not the formula, left to forward AD
+        def forward(self, x):
+            return super().forward(x) / self.weight * (1 + self.weight)
+
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        other = OnePlusWeight(8, eps=1e-5)
+        other.weight.copy_(norm.weight)
+    assert rms_norm_epsilon(other) is None
+    assert rms_norm_epsilon(nn.LayerNorm(8)) is None and rms_norm_epsilon(nn.LayerNorm(8, bias=False)) is None
