@@ -91,3 +91,19 @@ def test_horizon_filter_against_a_high_precision_reference(h, step_size, horizon
         expected = _filter_reference(float(torch.tensor(h, dtype=dtype)), step_size, horizon, shift)
         assert value == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-12, abs=1e-300)
         assert abs(value) <= step_size * horizon * (1 + 1e-12) or h + shift < 0  # the K-step bound |f| <= ηK
+
+
+def test_a_gauss_newton_of_few_rows_is_decomposed_through_its_gram_matrix():
+    """Fewer rows than coordinates: the eigenpairs come from the R × R Gram matrix and the rest of the space has
+    eigenvalue 0 — the same filter as the dense eigendecomposition."""
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.ggn import GaussNewton
+
+    rows = torch.randn(7, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    low_rank = ExplicitEigenbasis.from_gauss_newton(GaussNewton(rows=rows))
+    dense = ExplicitEigenbasis.from_matrix(rows.T @ rows)
+    assert low_rank.eigenvectors.shape == (20, 7) and low_rank.complement == 0.0
+    vectors = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for factor in (horizon_filter(0.05, 3000, 1e-3), horizon_filter(0.05, None, 1e-2)):
+        torch.testing.assert_close(low_rank.filter(vectors, factor), dense.filter(vectors, factor), rtol=1e-9, atol=1e-9)
+    assert low_rank.max_eigenvalue == pytest.approx(dense.max_eigenvalue) and low_rank.min_eigenvalue == 0.0

@@ -69,9 +69,6 @@ def main() -> None:
                           "agreement": summary(result["scores"])}, indent=1))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _counting_padding(pad_token_id: int):
     from hf_fwdattr import CausalLMTask
@@ -136,3 +133,7 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
         result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
         out["scores"]["defaults"] = query @ result.responses.double().T
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from ..errors import TaskError
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
-from .ggn import exact_ggn, supports_exact_ggn
+from .ggn import gauss_newton, supports_exact_ggn
 from .gradients import example_gradients, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
@@ -53,9 +53,30 @@ class ExplicitEigenbasis:
     through it (`damped_inverse`).
     """
 
-    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, seconds: Optional[float] = None):
+    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, seconds: Optional[float] = None,
+                 complement: Optional[float] = None):
         self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
         self.seconds = seconds
+        self.complement = complement  # eigenvalue of every direction orthogonal to the eigenvectors (when they are fewer than p)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, dtype: Optional[torch.dtype] = None, seconds: Optional[float] = None) -> "ExplicitEigenbasis":
+        """The eigenbasis of H = AᵀA from its R <= p rows A, through the R × R Gram matrix: the R eigenpairs, and
+        eigenvalue 0 on the orthogonal complement (exact: H has rank <= R)."""
+        dtype = dtype or rows.dtype
+        rows = rows.to(torch.float64)
+        values, vectors = torch.linalg.eigh(rows @ rows.T)
+        keep = values > 1e-12 * values[-1:].clamp_min(0).max() if len(values) else values > 0
+        values, vectors = values[keep], vectors[:, keep]
+        basis = (rows.T @ vectors) / values.sqrt()
+        return cls(values.to(dtype), basis.to(dtype), seconds, complement=0.0)
+
+    @classmethod
+    def from_gauss_newton(cls, gauss_newton, dtype: Optional[torch.dtype] = None, seconds: Optional[float] = None) -> "ExplicitEigenbasis":
+        """From a `ggn.GaussNewton`: through its rows when it kept them (fewer than p), else its matrix."""
+        if gauss_newton.rows is not None:
+            return cls.from_rows(gauss_newton.rows, dtype, seconds)
+        return cls.from_matrix(gauss_newton.matrix, dtype, seconds)
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, dtype: Optional[torch.dtype] = None, seconds: Optional[float] = None) -> "ExplicitEigenbasis":
@@ -83,8 +104,8 @@ class ExplicitEigenbasis:
         """
         start = time.perf_counter()
         if Curvature(kind) is Curvature.GGN and supports_exact_ggn(subspace, task):
-            matrix = exact_ggn(subspace, task, examples, batch_size, dtype=dtype, progress=progress)
-            return cls.from_matrix(matrix, dtype=dtype, seconds=time.perf_counter() - start)
+            made = gauss_newton(subspace, task, examples, batch_size, dtype=dtype, progress=progress)
+            return cls.from_gauss_newton(made, dtype=dtype, seconds=time.perf_counter() - start)
         p = subspace.dim
         matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
         identity = torch.eye(p, dtype=dtype, device=subspace.device)
@@ -96,18 +117,28 @@ class ExplicitEigenbasis:
                 matrix[start_column : start_column + chunk] += operator.matvec(identity[start_column : start_column + chunk]) * len(batch)
         return cls.from_matrix(matrix / len(examples), seconds=time.perf_counter() - start)
 
+    def _spectrum(self) -> torch.Tensor:
+        extra = [] if self.complement is None else [torch.tensor([self.complement], dtype=self.eigenvalues.dtype)]
+        return torch.cat([self.eigenvalues.cpu(), *extra])
+
     @property
     def max_eigenvalue(self) -> float:
-        return float(self.eigenvalues.abs().max())
+        return float(self._spectrum().abs().max())
 
     @property
     def min_eigenvalue(self) -> float:
-        return float(self.eigenvalues.min())
+        return float(self._spectrum().min())
 
     def filter(self, vectors: torch.Tensor, factor: Filter) -> torch.Tensor:
-        """Q diag(factor(h)) Qᵀ v for each row v of `vectors` (in `vectors`' dtype)."""
+        """Q diag(factor(h)) Qᵀ v for each row v of `vectors` (in `vectors`' dtype), plus factor(complement) times v's
+        part outside the eigenvectors' span when they span less than the whole space."""
         basis = self.eigenvectors.to(vectors.device, vectors.dtype)
-        return ((vectors @ basis) * factor(self.eigenvalues.to(vectors.device, torch.float64)).to(vectors.dtype)) @ basis.T
+        coefficients = vectors @ basis
+        out = (coefficients * factor(self.eigenvalues.to(vectors.device, torch.float64)).to(vectors.dtype)) @ basis.T
+        if self.complement is not None:
+            rest = factor(torch.tensor([self.complement], dtype=torch.float64)).item()
+            out += rest * (vectors - coefficients @ basis.T)
+        return out
 
     def damped_inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
         """(H + λI)⁻¹ v for each row v; refuses a λ that leaves H + λI singular or indefinite."""

@@ -16,6 +16,7 @@ classifier — instead of one curvature-vector product per coordinate (p of them
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -100,36 +101,69 @@ def _cotangents(outputs: torch.Tensor, factors: torch.Tensor, samples: Optional[
         yield torch.einsum("bpk,bpkd->bpd", signs, factors) / samples**0.5
 
 
-def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
-              chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> torch.Tensor:
-    """The [p, p] GGN of the mean training loss over `examples`, from per-example output Jacobians (float64 sums).
+@dataclass
+class GaussNewton:
+    """The GGN of the mean training loss, as its [p, p] matrix or — while it has fewer rows than coordinates — as its
+    rows A ([R, p], scaled so that GGN = AᵀA), which keeps a low-rank GGN exact at R·p memory."""
 
-    Rows are computed in `dtype` and gathered `chunk_rows` at a time into one float64 product, so round-off stays at
+    matrix: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+
+    def dense(self) -> torch.Tensor:
+        """The [p, p] matrix."""
+        return self.matrix if self.matrix is not None else self.rows.T @ self.rows
+
+
+def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
+                 chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> GaussNewton:
+    """The GGN of the mean training loss over `examples`, from per-example output Jacobians (float64 sums).
+
+    Rows are computed in `dtype`; while there are at most p of them they are kept (the GGN is then exactly AᵀA of
+    rank <= R), beyond they are gathered `chunk_rows` at a time into one float64 [p, p] product, so round-off stays at
     float64's level whatever the model's dtype (the rows themselves carry the model's precision). With `samples`,
     each batch takes that many sketched passes (`jacobian_rows`): an unbiased estimate instead of the exact matrix.
     """
     generator = torch.Generator().manual_seed(seed)
-    p = subspace.dim
-    matrix = torch.zeros(p, p, dtype=torch.float64, device=subspace.device)
+    p, scale = subspace.dim, len(examples) ** -0.5
+    kept: list[torch.Tensor] = []
+    kept_rows = 0
+    matrix: Optional[torch.Tensor] = None
     pending: list[torch.Tensor] = []
-    count = 0
+    pending_rows = 0
 
     def flush() -> None:
+        nonlocal matrix, pending_rows
         if pending:
-            block = torch.cat(pending).to(torch.float64)
-            matrix.addmm_(block.T, block)
+            block = torch.cat(pending).to(torch.float64) * scale
+            matrix = block.T @ block if matrix is None else matrix.addmm_(block.T, block)
             pending.clear()
+            pending_rows = 0
 
     batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
     for batch in tqdm(batches, desc="Curvature (exact GGN)", disable=not progress):
         for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype, samples=samples, generator=generator):
+            rows = rows[rows.abs().amax(dim=1) > 0]  # examples without a factor in this slot
+            if matrix is None and kept_rows + len(rows) <= p:
+                kept.append(rows.to(torch.float64) * scale)
+                kept_rows += len(rows)
+                continue
+            if kept:  # past p rows: the matrix is the smaller form
+                pending.extend(row / scale for row in kept)
+                kept.clear()
             pending.append(rows)
-            count += len(rows)
-            if count >= chunk_rows:
+            pending_rows += len(rows)
+            if pending_rows >= chunk_rows:
                 flush()
-                count = 0
     flush()
-    return matrix / len(examples)
+    if matrix is None:
+        return GaussNewton(rows=torch.cat(kept) if kept else torch.zeros(0, p, dtype=torch.float64, device=subspace.device))
+    return GaussNewton(matrix=matrix)
+
+
+def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
+              chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+    """The [p, p] GGN of the mean training loss over `examples` (`gauss_newton`, made dense)."""
+    return gauss_newton(subspace, task, examples, batch_size, dtype, chunk_rows, progress, samples, seed).dense()
 
 
 def _offsets(numels: list[int]) -> list[tuple[int, int]]:
