@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional, Sequence
 
 CACHE = Path(__file__).resolve().parent / "cache"
 
@@ -59,14 +60,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ground-truth", action="store_true", help="Build the model and its LDS ground truth (cached).")
     parser.add_argument("--contenders", action="store_true", help="Score every contender and print their agreement with exact influence.")
+    parser.add_argument("--modules", nargs="*", help="Restrict the subspace to the adapter's A/B of these projections (e.g. q_proj v_proj).")
+    parser.add_argument("--no-defaults", action="store_true", help="Leave out the library defaults (whatever 'auto' picks).")
     args = parser.parse_args()
     made = setup(args.seed)
     if args.ground_truth:
         ground_truth(made)
     if args.contenders:
-        result = contenders(made)
+        result = contenders(made, modules=args.modules, defaults=not args.no_defaults)
         print(json.dumps({"dim": result["dim"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
-                          "agreement": summary(result["scores"])}, indent=1))
+                          "agreement": summary(result["scores"]), "spectrum": result["spectrum"]}, indent=1))
 
 
 
@@ -82,7 +85,8 @@ def _counting_padding(pad_token_id: int):
     return CountingPadding(pad_token_id)
 
 
-def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(8, 32), log=print) -> dict:
+def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(16, 64, 256), log=print,
+               modules: Optional[Sequence[str]] = None, defaults: bool = True) -> dict:
     """Scores [Q, N] of every contender in the fact model's LoRA subspace, with the wall and CPU time each took.
 
     exact: −∇f_qᵀ(H + λI)⁻¹g_b with H the exact full-batch GGN over the training documents (K → ∞);
@@ -96,7 +100,7 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
 
     from hf_fwdattr import AttributionConfig, AttributionSubspace, simulate_responses
     from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, horizon_filter
-    from hf_fwdattr.estimator.ggn import exact_ggn
+    from hf_fwdattr.estimator.ggn import gauss_newton
     from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
 
     model, task, documents, queries = setup["model"], setup["task"], setup["document_set"], setup["queries"]
@@ -110,7 +114,14 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
         log(f"{name}: {out['seconds'][name]:.1f}s wall, {out['cpu_seconds'][name]:.1f}s CPU")
         return value
 
-    with AttributionSubspace.build(model, "peft") as subspace:
+    if modules is None:
+        built = AttributionSubspace.build(model, "peft")
+    else:  # the adapter's A and B of the named projections only: a smaller subspace of the same fine-tune
+        from hf_fwdattr.estimator.subspace import canonical_name
+
+        names = [canonical_name(n) for n, _ in model.named_parameters() if "lora_" in n and any(f".{m}." in n for m in modules)]
+        built = AttributionSubspace.build(model, "trainable", parameter_names=names)
+    with built as subspace:
         out["dim"] = subspace.dim
         gradients = timed("document_gradients", lambda: document_gradients(subspace, task, documents, dtype=torch.float64))
         query = query_gradients(subspace, task, queries, dtype=torch.float64)
@@ -119,8 +130,9 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
             step = 1.0 / (basis.max_eigenvalue + damping)
             return query @ basis.filter(gradients, horizon_filter(step, k, damping)).T
 
-        matrix = timed("exact_ggn", lambda: exact_ggn(subspace, task, train, 16))
-        exact = timed("exact_eigh", lambda: ExplicitEigenbasis.from_matrix(matrix))
+        made = timed("exact_ggn", lambda: gauss_newton(subspace, task, train, 16))
+        exact = timed("exact_eigh", lambda: ExplicitEigenbasis.from_gauss_newton(made))
+        out["spectrum"] = exact.eigenvalues.double().flip(0)[:: max(1, len(exact.eigenvalues) // 64)].tolist()
         out["scores"]["exact"] = closed(exact, None)
         out["scores"][f"exact_K{horizon}"] = closed(exact, horizon)
         kronecker = timed("kronecker", lambda: KroneckerEigenbasis.estimate(subspace, task, train, 16, dtype=torch.float64))
@@ -128,10 +140,11 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
         unmasked = KroneckerEigenbasis.estimate(subspace, _counting_padding(task.pad_token_id), train, 16, dtype=torch.float64)
         out["scores"]["kronecker_counting_padding"] = closed(unmasked, horizon)  # the factors before issue 15
         for s in samples:
-            sketched = timed(f"sketched_{s}", lambda: ExplicitEigenbasis.from_matrix(exact_ggn(subspace, task, train, 16, samples=s)))
+            sketched = timed(f"sketched_{s}", lambda: ExplicitEigenbasis.from_gauss_newton(gauss_newton(subspace, task, train, 16, samples=s)))
             out["scores"][f"sketched_{s}"] = closed(sketched, horizon)
-        result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
-        out["scores"]["defaults"] = query @ result.responses.double().T
+        if defaults:
+            result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
+            out["scores"]["defaults"] = query @ result.responses.double().T
     return out
 
 
