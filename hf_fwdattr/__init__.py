@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import (
+    AdapterExportError,
     ArtifactError,
     AttributionConfigError,
     DocumentsError,
@@ -10,6 +11,7 @@ from .errors import (
     EmptyDocumentsError,
     FingerprintMismatchError,
     ReadoutError,
+    ServingError,
     SimulationDivergedError,
     SubspaceError,
     TaskError,
@@ -30,6 +32,7 @@ from .query.scoring import ArtifactScorer
 from .storage.artifact import DocumentTable, InfluenceArtifact
 
 __all__ = [
+    "AdapterExportError",
     "ArtifactScorer",
     "AttributedTextGenerationPipeline",
     "ArtifactError",
@@ -55,6 +58,7 @@ __all__ = [
     "MinibatchSequence",
     "ReadoutError",
     "ReadoutMode",
+    "ServingError",
     "SimulationDivergedError",
     "SimulationResult",
     "Solver",

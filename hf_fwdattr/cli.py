@@ -45,6 +45,58 @@ def _attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_adapters(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .integrations.serving.export import export_adapters
+    from .storage.artifact import InfluenceArtifact
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    adapter_set = export_adapters(
+        InfluenceArtifact.from_pretrained(args.influence), model, args.output_dir, directions=args.directions,
+        document_ids=args.document_ids, mode="one_sided" if args.one_sided else "central_difference", epsilon=args.epsilon,
+        base_model_name_or_path=args.served_model, overwrite=args.overwrite,
+    )
+    print(f"{len(adapter_set.entries)} adapters of rank {adapter_set.rank} ({adapter_set.num_directions} {adapter_set.kind.value}, "
+          f"{adapter_set.mode.value}, epsilon {adapter_set.epsilon:g}) in {args.output_dir}.\n"
+          f"Serve them with: --enable-lora --max-lora-rank {adapter_set.vllm_max_lora_rank} --max-loras {min(len(adapter_set.entries), 64)} "
+          f"--max-cpu-loras {len(adapter_set.entries)} --lora-target-modules {' '.join(adapter_set.target_modules)} --dtype float32")
+    return 0
+
+
+def _serve_attribute(args: argparse.Namespace) -> int:
+    import json
+
+    if args.url:
+        from .integrations.serving.client import VLLMServerReadout
+
+        readout = VLLMServerReadout(args.url, args.adapters, server_directory=args.server_adapters, api_key=args.api_key)
+    else:
+        from .integrations.serving.engine import VLLMReadout
+
+        def value(text: str):
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text  # a plain string
+
+        engine = {key: value(text) for key, _, text in (item.partition("=") for item in args.engine_arg)}
+        readout = VLLMReadout.from_pretrained(args.model, args.adapters, **engine)
+    records = readout.attribute(args.prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    if args.url:
+        readout.close()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for prompt, record in zip(args.prompts, records):
+        print(f"{prompt}{record['answer']}")
+        for rank, entry in enumerate(record["attributions"], start=1):
+            name = entry.get("document_id") or entry["source"]
+            extra = f"  ({entry['source']})" if "document_id" in entry and entry.get("source") else ""
+            print(f"  {rank:>2}. {name}{extra}  {entry['score']:+.4f}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.fact_tracing import format_table, run_evaluation
 
@@ -86,6 +138,43 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Override the artifact's readout mode (removal: for artifacts of the unlearning solver).")
     attribute.add_argument("--json", action="store_true", help="Print the pipeline's records as JSON.")
     attribute.set_defaults(run=_attribute)
+
+    export = commands.add_parser(
+        "export-adapters", help="Write an artifact's directions as PEFT LoRA adapters (θ* ± εu) for a LoRA inference server.",
+        description="For the readout inside a served model: `hf-fwdattr serve-attribute` (or your own client) reads the "
+        "answers' log-likelihoods under these adapters from vLLM and turns them into scores.",
+    )
+    export.add_argument("--model", required=True, help="The model the artifact was made on (folder or Hub id; its adapter too).")
+    export.add_argument("--influence", required=True, help="Influence artifact folder or Hub repo id.")
+    export.add_argument("--output-dir", required=True, help="Folder of the adapter set.")
+    export.add_argument("--directions", choices=["sources", "basis", "documents"], default="sources",
+                        help="sources: one adapter pair per source (source scores); basis: the compressed readout basis "
+                        "(document scores); documents: the --document-ids given.")
+    export.add_argument("--document-ids", nargs="+", help="With --directions documents: the documents to export.")
+    export.add_argument("--one-sided", action="store_true", help="Only θ* + εu adapters (half the requests, less accurate).")
+    export.add_argument("--epsilon", type=float, help="Step length along each unit direction (default: the artifact's, else the float32 default).")
+    export.add_argument("--served-model", help="base_model_name_or_path written into each adapter (default: the artifact's base model).")
+    export.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
+    export.set_defaults(run=_export_adapters)
+
+    serve = commands.add_parser(
+        "serve-attribute", help="Generate answers with vLLM and attribute them through an exported adapter set.",
+        description="Either against a running `vllm serve` (--url; start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and the "
+        "settings `export-adapters` prints) or in this process (--model; needs the vllm extra).",
+    )
+    serve.add_argument("prompts", nargs="+", help="One or more prompts.")
+    serve.add_argument("--adapters", required=True, help="Adapter set folder written by `hf-fwdattr export-adapters`.")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="Address of a running OpenAI-compatible vLLM server, e.g. http://127.0.0.1:8000.")
+    where.add_argument("--model", help="Served weights (θ* without the adapters) to start vllm.LLM on, in this process.")
+    serve.add_argument("--server-adapters", help="--url: the adapter set's folder as the server sees it (default: the same path).")
+    serve.add_argument("--api-key", help="--url: the server's --api-key.")
+    serve.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="--model: extra vllm.LLM argument (JSON values), e.g. kv_cache_memory_bytes=268435456.")
+    serve.add_argument("--max-new-tokens", type=int, default=16)
+    serve.add_argument("--top-k", type=int, default=5, help="How many sources or documents to list.")
+    serve.add_argument("--json", action="store_true", help="Print the records as JSON.")
+    serve.set_defaults(run=_serve_attribute)
 
     from .evaluation.fact_tracing import METHODS
 

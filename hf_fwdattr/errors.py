@@ -44,3 +44,12 @@ class FingerprintMismatchError(ValueError):
 
 class ArtifactError(ValueError):
     """An influence artifact on disk is missing pieces, corrupted, or inconsistent."""
+
+
+class AdapterExportError(ValueError):
+    """An artifact's directions cannot be written as LoRA adapters (the subspace is not LoRA-shaped, or uses
+    adapter features the exported format does not carry)."""
+
+
+class ServingError(RuntimeError):
+    """An inference server (vLLM, in process or over HTTP) cannot run the readout as it is configured."""

@@ -312,6 +312,14 @@ def _inject_projection_adapter(model: nn.Module, spec: SubspaceSpec):
 
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     had_config = hasattr(model, "peft_config")
+    existing = _existing_lora_layers(model)
+    merged = [name for name, layer in existing.items() if layer.merged]
+    if merged:
+        raise SubspaceError(
+            f"The model's LoRA adapter is merged into its weights while its LoRA layers remain ({merged[0]}, ...): a projection "
+            "adapter on top would be bypassed. Call `model.unmerge_adapter()`, or `model = model.merge_and_unload()`, first."
+        )
+    active = {name: list(layer.active_adapters) for name, layer in existing.items()}
     lora_config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.rank,  # scaling = alpha / r = 1: ΔW = B A exactly
@@ -323,6 +331,7 @@ def _inject_projection_adapter(model: nn.Module, spec: SubspaceSpec):
         with warnings.catch_warnings():
             # PEFT switches fan_in_fan_out on for GPT-2's Conv1D by itself; the projection needs nothing else.
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             tuner = LoraModel(model, lora_config, spec.adapter_name)
     except ValueError as err:
         raise SubspaceError(
@@ -331,6 +340,10 @@ def _inject_projection_adapter(model: nn.Module, spec: SubspaceSpec):
         ) from err
     tuner._fwdattr_requires_grad = requires_grad
     tuner._fwdattr_had_config = had_config
+    tuner._fwdattr_active = active
+    for name, adapters in active.items():  # the model's own adapters stay on, the projection adds to them
+        if adapters:
+            model.get_submodule(name).set_adapter(adapters + [spec.adapter_name])
     if spec.target_modules is None:
         spec.target_modules = sorted(lora_config.target_modules)
     elif isinstance(spec.target_modules, set):
@@ -358,10 +371,27 @@ def _inject_projection_adapter(model: nn.Module, spec: SubspaceSpec):
     return tuner
 
 
+def _existing_lora_layers(model: nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
 def _remove_projection_adapter(model: nn.Module, spec: SubspaceSpec, tuner) -> None:
-    tuner.unload()
-    if not tuner._fwdattr_had_config and hasattr(model, "peft_config"):
-        del model.peft_config
+    if not tuner._fwdattr_active:
+        tuner.unload()
+        if not tuner._fwdattr_had_config and hasattr(model, "peft_config"):
+            del model.peft_config
+    else:
+        # The model has LoRA layers of its own: delete only the projection adapter, unwrap the layers that
+        # only it had wrapped, and give the others back their active adapters.
+        tuner.delete_adapter(spec.adapter_name)
+        for name, layer in _existing_lora_layers(model).items():
+            if name in tuner._fwdattr_active:
+                layer.set_adapter(tuner._fwdattr_active[name])
+            else:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
     for name, param in model.named_parameters():
         if name in tuner._fwdattr_requires_grad:
             param.requires_grad_(tuner._fwdattr_requires_grad[name])
