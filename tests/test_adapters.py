@@ -146,6 +146,29 @@ def test_document_and_basis_directions(cases, vocab, tmp_path):
     assert [set(r) for r in top] == [{"document_id", "source", "score"}] * 2
 
 
+def test_removal_adapters_take_the_unlearning_response_away(vocab, tmp_path):
+    from hf_fwdattr import AttributionConfig, DocumentSet, InfluenceArtifact, simulate_responses
+    from serving_models import examples
+
+    model = base_model(vocab)
+    train = examples(vocab, 6, seed=2)
+    documents = DocumentSet(examples=train[:3], example_document=[0, 1, 2], document_ids=list("abc"), sources=list("xxy"))
+    config = AttributionConfig(solver="unlearning", horizon=3, batch_size=3)
+    with AttributionSubspace.build(model, "projection", rank=2, target_modules=["q_proj"]) as subspace:
+        artifact = InfluenceArtifact.from_simulation(subspace, documents, simulate_responses(subspace, TASK, documents, train, config), config)
+    with pytest.raises(AdapterExportError, match="directions='documents'"):
+        export_adapters(artifact, model, tmp_path / "sources")
+    adapter_set = export_adapters(artifact, model, tmp_path / "set", directions="documents", document_ids=["c", "a"])
+    assert adapter_set.mode.value == "removal" and [e.name for e in adapter_set.entries] == ["base", "minus-00000", "minus-00001"]
+    batch = TASK.collate(queries(vocab))
+    values = {k: v.double().numpy() for k, v in peft_values(adapter_set, vocab, batch).items()}
+    with artifact.bind(model) as subspace:
+        expected = ForwardReadout(subspace, TASK, "removal").scores(queries(vocab), artifact.responses([2, 0]))
+    np.testing.assert_allclose(adapter_set.direction_scores(values), expected.double().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterExportError, match="unlearning"):
+        export_adapters(make_case("projection", vocab)[1], model, tmp_path / "other", mode="removal")
+
+
 def test_bad_requests_say_what_to_change(cases, tmp_path, vocab):
     model, artifact = cases["projection"]
     export_adapters(artifact, model, tmp_path / "set")

@@ -4,11 +4,12 @@
                                mode, the norms ‖u_j‖, the adapters' rank and target modules, the artifact's fingerprints
     coefficients.safetensors   basis directions only: C [N, k]; document scores = (slope_j ‖v_j‖)_j Cᵀ
     base/                      θ* as an adapter (the model's own adapter, or a zero update of the projection)
-    plus-00000/, minus-00000/  θ* + εû_j and θ* − εû_j, standard PEFT folders (no minus-* for one-sided sets)
+    plus-00000/, minus-00000/  θ* + εû_j and θ* − εû_j, standard PEFT folders (no minus-* for one-sided sets;
+                               removal sets: minus-* only, at θ* − u_j)
 
 A direction's score is its directional derivative times ‖u_j‖: [f(θ*+εû) − f(θ*−εû)] / 2ε · ‖u‖ (central) or
-[f(θ*+εû) − f(θ*)] / ε · ‖u‖ (one-sided), f the answer's summed log-likelihood; positive = proponent, as
-everywhere in the library. Nothing here imports torch: a client that reads log-probabilities from a server
+[f(θ*+εû) − f(θ*)] / ε · ‖u‖ (one-sided), f the answer's summed log-likelihood; for the unlearning solver's
+finite responses, f(θ*) − f(θ* − u) (removal). Positive = proponent, as everywhere in the library. Nothing here imports torch: a client that reads log-probabilities from a server
 needs json and numpy only.
 """
 
@@ -47,10 +48,14 @@ class DirectionKind(str, Enum):
 
 
 class DifferenceMode(str, Enum):
-    """The finite difference an adapter set is made for (the names of `ReadoutMode`'s difference modes)."""
+    """The finite difference an adapter set is made for (the names of `ReadoutMode`'s forward-evaluation modes)."""
 
     CENTRAL = "central_difference"
+    """plus and minus adapters at θ* ± εû."""
     ONE_SIDED = "one_sided"
+    """plus adapters at θ* + εû; θ* from `base`."""
+    REMOVAL = "removal"
+    """minus adapters at θ* − u (the whole finite response of the unlearning solver); θ* from `base`."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,12 @@ class AdapterSet:
     @property
     def signs(self) -> tuple[int, ...]:
         """The perturbation signs exported per direction."""
-        return (1, -1) if self.mode is DifferenceMode.CENTRAL else (1,)
+        return {DifferenceMode.CENTRAL: (1, -1), DifferenceMode.ONE_SIDED: (1,), DifferenceMode.REMOVAL: (-1,)}[self.mode]
+
+    @property
+    def steps_along_units(self) -> bool:
+        """Whether the adapters step ε along û_j (difference modes) or take the whole u_j away (removal)."""
+        return self.mode is not DifferenceMode.REMOVAL
 
     @property
     def entries(self) -> list[AdapterEntry]:
@@ -145,8 +155,8 @@ class AdapterSet:
 
     @property
     def scoring_entries(self) -> list[AdapterEntry]:
-        """The adapters a readout needs: plus/minus per direction, and `base` for one-sided sets."""
-        return [e for e in self.entries if e.direction is not None or self.mode is DifferenceMode.ONE_SIDED]
+        """The adapters a readout needs: plus/minus per direction, and `base` for one-sided and removal sets."""
+        return [e for e in self.entries if e.direction is not None or self.mode is not DifferenceMode.CENTRAL]
 
     def path(self, name: str) -> Path:
         """Folder of the adapter `name`."""
@@ -181,7 +191,8 @@ class AdapterSet:
 
     # ------------------------------------------------------------------ scores
     def direction_scores(self, values: Mapping[str, Sequence[float]]) -> np.ndarray:
-        """[n_queries, n_directions] scores ∇f_qᵀu_j from `values`: adapter name → f_q under it, one per query.
+        """[n_queries, n_directions] scores ∇f_qᵀu_j (removal sets: f_q(θ*) − f_q(θ* − u_j)) from `values`:
+        adapter name → f_q under it, one per query.
 
         Positive = training along u_j makes the answer more likely (a proponent).
         """
@@ -190,6 +201,9 @@ class AdapterSet:
                 raise ServingError(f"No log-likelihoods under adapter {name!r}; the readout needs every adapter of the set.")
             return np.asarray(values[name], dtype=np.float64)
 
+        if self.mode is DifferenceMode.REMOVAL:
+            minus = np.stack([column(adapter_name(j, -1)) for j in range(self.num_directions)], axis=1)
+            return column(BASE_ADAPTER)[:, None] - minus
         norms = np.asarray(self.norms, dtype=np.float64)
         plus = np.stack([column(adapter_name(j, 1)) for j in range(self.num_directions)], axis=1)
         if self.mode is DifferenceMode.CENTRAL:
@@ -201,6 +215,8 @@ class AdapterSet:
 
     def document_scores(self, direction_scores: np.ndarray) -> np.ndarray:
         """Basis sets: [n_queries, N] document scores C (Vᵀ∇f_q) from the basis directions' scores."""
+        if self.kind is not DirectionKind.BASIS:
+            raise AdapterExportError(f"Only basis adapter sets have document scores through coefficients; this one holds {self.kind.value}.")
         return np.asarray(direction_scores, dtype=np.float64) @ self.coefficients.astype(np.float64).T
 
     def ranked(self, scores: Sequence[float], top_k: int = 5) -> list[dict]:

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...errors import AdapterExportError
+from ...estimator.config import ReadoutMode, Solver
 from ...estimator.subspace import AttributionSubspace, SubspaceKind, canonical_name, find_peft_adapters
 from ...query.readout import default_epsilon
 from ...storage.artifact import InfluenceArtifact
@@ -275,7 +276,7 @@ def export_adapters(
     save_directory: Union[str, Path],
     directions: Union[DirectionKind, str] = DirectionKind.SOURCES,
     document_ids: Optional[Sequence[str]] = None,
-    mode: Union[DifferenceMode, str] = DifferenceMode.CENTRAL,
+    mode: Optional[Union[DifferenceMode, str]] = None,
     epsilon: Optional[float] = None,
     base_model_name_or_path: Optional[str] = None,
     overwrite: bool = False,
@@ -290,15 +291,26 @@ def export_adapters(
         directions: ``sources`` (one per source, the summed responses: source scores), ``basis`` (the compressed
             readout basis rows: document scores through its coefficients) or ``documents`` (`document_ids`).
         document_ids: the documents to export with directions='documents'.
-        mode: ``central_difference`` (plus and minus adapters) or ``one_sided`` (plus adapters only).
-        epsilon: step length along û_j; default the artifact's `epsilon`, else the float32 default of `mode`.
+        mode: ``central_difference`` (plus and minus adapters), ``one_sided`` (plus adapters only) or ``removal``
+            (θ* − u_j, for the unlearning solver's finite responses); default removal for artifacts read out by
+            removal, else central_difference.
+        epsilon: step length along û_j; default the artifact's `epsilon`, else the float32 default of `mode`
+            (removal sets take the whole response away: no ε).
         base_model_name_or_path: written into each adapter_config.json (default: the artifact's base model).
         overwrite: replace an existing folder.
 
     Returns:
         The `AdapterSet`, whose `direction_scores` turns log-likelihoods under its adapters into scores.
     """
-    kind, mode = DirectionKind(directions), DifferenceMode(mode)
+    kind = DirectionKind(directions)
+    removal_artifact = artifact.config.readout is ReadoutMode.REMOVAL
+    mode = DifferenceMode(mode if mode is not None else (DifferenceMode.REMOVAL if removal_artifact else DifferenceMode.CENTRAL))
+    if mode is DifferenceMode.REMOVAL and artifact.config.solver is not Solver.UNLEARNING:
+        raise AdapterExportError(f"mode='removal' evaluates θ* − u_b, meaningful only for the unlearning solver's finite responses; "
+                                 f"this artifact was simulated with solver={artifact.config.solver.value!r}: use central_difference or one_sided.")
+    if mode is DifferenceMode.REMOVAL and kind is not DirectionKind.DOCUMENTS:
+        raise AdapterExportError("The removal readout is nonlinear in u_b, so only documents have removal adapters (a source's "
+                                 "removal score is the sum of its documents'): export directions='documents'.")
     directory = Path(save_directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise AdapterExportError(f"{directory} is not empty; pass overwrite=True to replace it, or export elsewhere.")
@@ -307,7 +319,9 @@ def export_adapters(
     try:
         layout = lora_layout(subspace)
         dtype = subspace.parameter_dtype if subspace.parameter_dtype in (torch.float32, torch.float64) else torch.float32
-        if epsilon is None:
+        if mode is DifferenceMode.REMOVAL:
+            epsilon = 1.0  # the whole response
+        elif epsilon is None:
             epsilon = artifact.config.epsilon or default_epsilon(mode.value, dtype)
         # the unit directions exactly as `ForwardReadout` forms them, so the same ε gives the same parameters
         vectors = vectors.to(device=subspace.device, dtype=dtype)
@@ -330,7 +344,12 @@ def export_adapters(
             zero = torch.zeros(subspace.dim, dtype=dtype, device=subspace.device)
             with torch.inference_mode():
                 for entry in adapter_set.entries:
-                    delta = zero if entry.direction is None else (entry.sign * float(epsilon)) * units[entry.direction]
+                    if entry.direction is None:
+                        delta = zero
+                    elif adapter_set.steps_along_units:
+                        delta = (entry.sign * float(epsilon)) * units[entry.direction]
+                    else:
+                        delta = entry.sign * vectors[entry.direction]  # removal: θ* − u_b, as the torch readout evaluates it
                     layout.save(staging / entry.name, delta, name)
             adapter_set.save_manifest()
             if directory.exists():
