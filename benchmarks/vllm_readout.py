@@ -5,8 +5,9 @@ The model is the demo's fact model at hidden size 128 (head_dim 32: vLLM's CPU a
 LoRA r = 8 on every linear layer (p = 32,768), built into `--work-dir` on first use. Directions per query:
 n = 10 (the responses of the first 10 documents: a source direction costs what a document direction does, and the
 corpus has 5 sources), 64 and 256 (seeded Gaussian directions: the cost of a direction does not depend on it).
-All contenders run in this one process, interleaved query by query; vLLM's engine is a worker process of it, whose
-CPU time is counted with ours. One torch thread here, and vLLM's worker bound to one core.
+All contenders run in this one process, interleaved query by query; vLLM's engines (one batching all adapters, one
+with a single request in flight, ENVIRONMENT.md's crash workaround) are worker processes of it, whose CPU time is
+counted with ours. One torch thread here, and vLLM's worker bound to one core.
 
     OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=0 .venv-vllm/bin/python benchmarks/vllm_readout.py --work-dir runs/vllm_bench
 """
@@ -117,6 +118,11 @@ def main() -> None:
                                                           max_model_len=128, kv_cache_memory_bytes=2**30, seed=0))
     startup = time.perf_counter() - start
     vllm_readouts = {key: VLLMReadout(llm, adapter_set) for key, adapter_set in sets.items()}
+    # ENVIRONMENT.md's workaround for the multi-adapter crash, for comparison: one request in flight at a time
+    serial_llm = LLM(model=str(served), **vllm_engine_arguments(sets[largest, "central_difference"], max_loras=1, max_num_seqs=1,
+                                                                 max_cpu_loras=4 * largest + 8, max_model_len=128,
+                                                                 kv_cache_memory_bytes=2**30, seed=0))
+    serial_readouts = {n: VLLMReadout(serial_llm, sets[n, "central_difference"]) for n in args.directions}
 
     def example(q):
         return [CausalLMTask.query_example(*q)]
@@ -124,6 +130,7 @@ def main() -> None:
     contenders = {}
     for n in args.directions:
         contenders[f"n={n}: vLLM, central difference ({2 * n} adapters)"] = lambda q, n=n: vllm_readouts[n, "central_difference"].direction_scores([q[0]], [q[1]])
+        contenders[f"n={n}: vLLM, central difference, one request at a time (max_num_seqs=1)"] = lambda q, n=n: serial_readouts[n].direction_scores([q[0]], [q[1]])
         contenders[f"n={n}: vLLM, one-sided ({n + 1} adapters)"] = lambda q, n=n: vllm_readouts[n, "one_sided"].direction_scores([q[0]], [q[1]])
         contenders[f"n={n}: torch, JVP"] = lambda q, n=n: jvp.scores(example(q), vectors[n])
         contenders[f"n={n}: torch, central difference"] = lambda q, n=n: central.scores(example(q), vectors[n])

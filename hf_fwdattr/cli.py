@@ -48,7 +48,7 @@ def _attribute(args: argparse.Namespace) -> int:
 def _export_adapters(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    from .integrations.serving.export import export_adapters
+    from .integrations.serving.export import copy_served_weights, export_adapters
     from .storage.artifact import InfluenceArtifact
 
     model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -57,9 +57,13 @@ def _export_adapters(args: argparse.Namespace) -> int:
         document_ids=args.document_ids, mode="one_sided" if args.one_sided else "central_difference", epsilon=args.epsilon,
         base_model_name_or_path=args.served_model, overwrite=args.overwrite,
     )
+    if args.served_dir:
+        copy_served_weights(args.model, args.served_dir)
+        print(f"Base weights to serve (without the adapter files): {args.served_dir}")
     print(f"{len(adapter_set.entries)} adapters of rank {adapter_set.rank} ({adapter_set.num_directions} {adapter_set.kind.value}, "
-          f"{adapter_set.mode.value}, epsilon {adapter_set.epsilon:g}) in {args.output_dir}.\n"
-          f"Serve them with: --enable-lora --max-lora-rank {adapter_set.vllm_max_lora_rank} --max-loras {min(len(adapter_set.entries), 64)} "
+          f"{adapter_set.mode.value}, epsilon {adapter_set.epsilon:g}) in {args.output_dir}. A vLLM server for them:\n"
+          f"  VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server --model {args.served_dir or 'BASE_WEIGHTS_DIR'} "
+          f"--enable-lora --max-lora-rank {adapter_set.vllm_max_lora_rank} --max-loras {min(len(adapter_set.entries), 64)} "
           f"--max-cpu-loras {len(adapter_set.entries)} --lora-target-modules {' '.join(adapter_set.target_modules)} --dtype float32")
     return 0
 
@@ -154,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--one-sided", action="store_true", help="Only θ* + εu adapters (half the requests, less accurate).")
     export.add_argument("--epsilon", type=float, help="Step length along each unit direction (default: the artifact's, else the float32 default).")
     export.add_argument("--served-model", help="base_model_name_or_path written into each adapter (default: the artifact's base model).")
+    export.add_argument("--served-dir", help="Also copy --model's folder without its adapter files here: the base weights a "
+                        "server serves (vLLM would read adapter_model.safetensors as model weights).")
     export.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
     export.set_defaults(run=_export_adapters)
 

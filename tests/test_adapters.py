@@ -230,6 +230,13 @@ def test_cli_exports_and_help_stays_light(cases, tmp_path):
                  "--output-dir", str(tmp_path / "set"), "--directions", "documents", "--document-ids", "doc-2", "--one-sided"]) == 0
     exported = AdapterSet.from_pretrained(tmp_path / "set")
     assert exported.labels == ["doc-2"] and exported.mode.value == "one_sided"
+    from hf_fwdattr.integrations.serving.engine import VLLMReadout
+    from hf_fwdattr.integrations.serving.export import copy_served_weights
+
+    with pytest.raises(ServingError, match="--served-dir"):  # vLLM would read the adapter as model weights
+        VLLMReadout.from_pretrained(tmp_path / "model", exported)
+    served = copy_served_weights(tmp_path / "model", tmp_path / "served")
+    assert not list(served.glob("adapter_*")) and (served / "config.json").is_file() and (served / "model.safetensors").is_file()
     probe = ("import sys; from hf_fwdattr.cli import build_parser; build_parser(); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm' or m.startswith('hf_fwdattr.integrations.serving')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -80,6 +80,10 @@ class VLLMReadout(ServedReadout):
     def from_pretrained(cls, model: Union[str, Path], adapters: Union[AdapterSet, str, Path], **llm_arguments: Any) -> "VLLMReadout":
         """Start a `vllm.LLM` on `model` (the served weights, θ* without the adapters) with the settings the set
         needs (`vllm_engine_arguments`; `llm_arguments` override them) and read out through it."""
+        if (Path(model) / "adapter_model.safetensors").is_file():
+            raise ServingError(f"{model} holds adapter files next to the base weights, which vLLM would read as model weights. "
+                               "Serve the base weights alone (`hf-fwdattr export-adapters --served-dir DIR`, or "
+                               "`copy_served_weights`): the adapter set carries the adapter.")
         from vllm import LLM
 
         adapter_set = adapters if isinstance(adapters, AdapterSet) else AdapterSet.from_pretrained(adapters)

@@ -362,4 +362,20 @@ def export_adapters(
         subspace.remove()
 
 
-__all__ = ["BASE_ADAPTER", "LoraLayout", "export_adapters", "lora_layout"]
+def copy_served_weights(model_directory: Union[str, Path], directory: Union[str, Path]) -> Path:
+    """Copy a saved model folder without its adapter files: what a LoRA server serves as the base.
+
+    A folder where the Trainer left base weights, tokenizer and adapter side by side cannot be served as it is:
+    vLLM reads every ``*.safetensors`` as model weights, ``adapter_model.safetensors`` included.
+    """
+    source, directory = Path(model_directory), Path(directory)
+    if not (source / "config.json").is_file():
+        raise AdapterExportError(f"{source} has no config.json; give the folder that holds the base model's weights.")
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith("adapter_"):
+            shutil.copy2(path, directory / path.name)
+    return directory
+
+
+__all__ = ["BASE_ADAPTER", "LoraLayout", "copy_served_weights", "export_adapters", "lora_layout"]
