@@ -99,6 +99,7 @@ class AdapterSet:
         document_ids: basis sets: the documents the coefficients' rows belong to (with `document_sources`).
         fingerprints: the artifact's model and subspace fingerprints.
         base_model: the served model the adapters belong to (name_or_path, revision).
+        basis_coefficients: basis sets: C [N, k] (read from coefficients.safetensors when not given).
     """
 
     directory: Path
@@ -115,7 +116,7 @@ class AdapterSet:
     fingerprints: dict = field(default_factory=dict)
     base_model: dict = field(default_factory=dict)
     library_version: str = __version__
-    _coefficients: Optional[np.ndarray] = field(default=None, repr=False)
+    basis_coefficients: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -183,11 +184,11 @@ class AdapterSet:
         """Basis sets: the coefficients C [N, k] of the documents on the basis directions."""
         if self.kind is not DirectionKind.BASIS:
             raise AdapterExportError(f"Only basis adapter sets carry coefficients; this one holds {self.kind.value}.")
-        if self._coefficients is None:
+        if self.basis_coefficients is None:
             from safetensors.numpy import load_file
 
-            self._coefficients = load_file(str(self.directory / COEFFICIENTS_NAME))["coefficients"]
-        return self._coefficients
+            self.basis_coefficients = load_file(str(self.directory / COEFFICIENTS_NAME))["coefficients"]
+        return self.basis_coefficients
 
     # ------------------------------------------------------------------ scores
     def direction_scores(self, values: Mapping[str, Sequence[float]]) -> np.ndarray:
@@ -255,10 +256,10 @@ class AdapterSet:
     def save_manifest(self) -> Path:
         """Write fwdattr_adapters.json (atomically) and, for basis sets, the coefficients."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.kind is DirectionKind.BASIS and self._coefficients is not None:
+        if self.kind is DirectionKind.BASIS and self.basis_coefficients is not None:
             from safetensors.numpy import save_file
 
-            save_file({"coefficients": np.ascontiguousarray(self._coefficients)}, str(self.directory / COEFFICIENTS_NAME),
+            save_file({"coefficients": np.ascontiguousarray(self.basis_coefficients)}, str(self.directory / COEFFICIENTS_NAME),
                       metadata={"format": "np"})
         path = self.directory / MANIFEST_NAME
         tmp = path.with_name(path.name + ".tmp")

@@ -102,13 +102,13 @@ class LoraLayout:
             if not self.concatenated:
                 (part,) = parts.values()
                 a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if part.embedding else ("lora_A.weight", "lora_B.weight")
-                state[f"{key}.{a_key}"] = value(part.a_name).contiguous()
-                state[f"{key}.{b_key}"] = value(part.b_name).contiguous()
+                state[f"{key}.{a_key}"] = value(part.a_name).cpu().contiguous()
+                state[f"{key}.{b_key}"] = value(part.b_name).cpu().contiguous()
                 continue
             a_blocks, b_blocks = [], []
             reference = next(iter(parts.values()))
             d_out, d_in = value(reference.b_name).shape[0], value(reference.a_name).shape[1]
-            dtype = value(reference.a_name).dtype
+            like = {"dtype": value(reference.a_name).dtype, "device": value(reference.a_name).device}
             for adapter in self.adapters:
                 used = 0
                 if adapter in parts:
@@ -118,10 +118,10 @@ class LoraLayout:
                     used = part.rank
                 pad = self.ranks[adapter] - used  # modules an adapter skips (or adapts at a lower rank) get zeros
                 if pad:
-                    a_blocks.append(torch.zeros(pad, d_in, dtype=dtype))
-                    b_blocks.append(torch.zeros(d_out, pad, dtype=dtype))
-            state[f"{key}.lora_A.weight"] = torch.cat(a_blocks, dim=0).contiguous()
-            state[f"{key}.lora_B.weight"] = torch.cat(b_blocks, dim=1).contiguous()
+                    a_blocks.append(torch.zeros(pad, d_in, **like))
+                    b_blocks.append(torch.zeros(d_out, pad, **like))
+            state[f"{key}.lora_A.weight"] = torch.cat(a_blocks, dim=0).cpu().contiguous()
+            state[f"{key}.lora_B.weight"] = torch.cat(b_blocks, dim=1).cpu().contiguous()
         return state
 
     def save(self, directory: Path, delta: torch.Tensor, base_model_name_or_path: Optional[str]) -> None:
@@ -340,7 +340,7 @@ def export_adapters(
             if kind is DirectionKind.BASIS:
                 adapter_set.document_ids = list(artifact.documents.document_ids)
                 adapter_set.document_sources = list(artifact.documents.sources)
-                adapter_set._coefficients = artifact.readout_basis["coefficients"].detach().cpu().double().numpy()
+                adapter_set.basis_coefficients = artifact.readout_basis["coefficients"].detach().cpu().double().numpy()
             zero = torch.zeros(subspace.dim, dtype=dtype, device=subspace.device)
             with torch.inference_mode():
                 for entry in adapter_set.entries:
