@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ReadoutError
-from ..estimator.functional import differentiable_attention
+from ..estimator.functional import pretrained_models
 from ..estimator.subspace import AttributionSubspace
-from .tangent_layers import attention_with_tangents, is_linear, linear_tangent_forward, rms_norm_epsilon, rms_norm_tangent_forward, zero_tangent_outputs
+from .tangent_layers import (
+    attention_with_tangents,
+    first_copy,
+    is_linear,
+    linear_tangent_forward,
+    replicate,
+    rms_norm_epsilon,
+    rms_norm_tangent_forward,
+    zero_tangent_outputs,
+)
 
 _MATRICES = ("lora_A", "lora_B")
 
@@ -143,7 +152,8 @@ class LoRABatchEngine:
         self.subspace = subspace
         self.layers = layers
         self._effective: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
-        self._norms: dict[nn.Module, Optional[float]] = {}
+        self._plan: Optional[list[tuple[nn.Module, str, Optional[float]]]] = None
+        self._models = pretrained_models(subspace.model)  # whose attention the JVP switches to `tangent_attention`
 
     @staticmethod
     def supports(subspace: AttributionSubspace) -> bool:
@@ -212,19 +222,35 @@ class LoRABatchEngine:
         model = self.subspace.model
         # forward AD records its tangents outside inference mode (dual tensors there silently lose them); no_grad keeps
         # autograd from recording anything for a backward pass
-        with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level(), differentiable_attention(model), \
-                attention_with_tangents(model), self._tangent_layers(directions, rows):
+        with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level(), attention_with_tangents(self._models, copies), \
+                self._tangent_layers(directions, rows):
             out = method(model, _repeat_batch(batch, copies))
             tangent = forward_ad.unpack_dual(out).tangent
         if tangent is None:  # f does not depend on the subspace here
             tangent = torch.zeros_like(out)
         return tangent.reshape(copies, rows, *out.shape[1:])
 
-    def _rms_norm_epsilon(self, module: nn.Module) -> Optional[float]:
-        """`rms_norm_epsilon`, probed once per module."""
-        if module not in self._norms:
-            self._norms[module] = rms_norm_epsilon(module) if not isinstance(module, (nn.Linear, nn.Embedding)) else None
-        return self._norms[module]
+    def _other_layers(self) -> list[tuple[nn.Module, str, Optional[float]]]:
+        """The layers outside the subspace's LoRA layers that the batched JVP gives a forward of their own: linear layers
+        and RMS norms carry their tangents by hand, layers without parameters give their outputs zero tangents (the
+        rest is left to forward AD). Classified once: the model's structure is that of the subspace."""
+        if self._plan is None:
+            lora_layers = {layer.module for layer in self.layers}
+            plan, skip = [], set()
+            for name, module in self.subspace.model.named_modules():
+                if any(name.startswith(prefix) for prefix in skip):
+                    continue
+                if module in lora_layers:
+                    skip.add(name + ".")  # its own forward replaces its children's
+                    continue
+                if is_linear(module):
+                    plan.append((module, "linear", None))
+                elif not isinstance(module, nn.Embedding) and (epsilon := rms_norm_epsilon(module)) is not None:
+                    plan.append((module, "rms_norm", epsilon))
+                elif next(module.children(), None) is None and next(module.parameters(), None) is None:
+                    plan.append((module, "parameter_free", None))
+            self._plan = plan
+        return self._plan
 
     def _effective_weight(self, module: nn.Module) -> torch.Tensor:
         """`_effective_weight`, recomputed only when a weight, the active adapters or a scaling changed."""
@@ -239,7 +265,7 @@ class LoRABatchEngine:
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
         copies = len(directions)
         batch_rows = copies * rows
-        patched, handled = [], set()
+        patched = []
         for layer in self.layers:
             module = layer.module
             if not _applies(module, layer.adapter):
@@ -252,13 +278,12 @@ class LoRABatchEngine:
             a_t = None if layer.a is None else directions[:, layer.a].reshape(copies, *a_weight.shape).transpose(1, 2)
             b_t = None if layer.b is None else directions[:, layer.b].reshape(copies, *b_weight.shape).transpose(1, 2)
             patched.append((module, _tangent_forward(module, layer.adapter, self._effective_weight(module), a_t, b_t, batch_rows)))
-            handled.add(module.get_base_layer())
-        for module in self.subspace.model.modules():
-            if is_linear(module) and module not in handled:
-                patched.append((module, linear_tangent_forward(module)))
-            elif self._rms_norm_epsilon(module) is not None:
-                patched.append((module, rms_norm_tangent_forward(module, self._rms_norm_epsilon(module))))
-            elif next(module.children(), None) is None and next(module.parameters(), None) is None:
+        for module, kind, epsilon in self._other_layers():
+            if kind == "linear":
+                patched.append((module, linear_tangent_forward(module, copies)))
+            elif kind == "rms_norm":
+                patched.append((module, rms_norm_tangent_forward(module, epsilon, copies)))
+            else:
                 patched.append((module, zero_tangent_outputs(module)))
         with _patched_forwards(patched):
             yield
@@ -267,30 +292,38 @@ class LoRABatchEngine:
 def _tangent_forward(module: nn.Module, adapter: str, effective: torch.Tensor, a_t: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
                      batch_rows: int):
     """The LoRA layer's forward carrying its tangent by hand: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the
-    merged weight), the tangent x_t W_effᵀ (the incoming one) plus the layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ]."""
-    a_weight, b_weight = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
+    merged weight) on the first copy of the batch, repeated; the tangent x_t W_effᵀ (the incoming one) plus the
+    layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] for copy d."""
+    dtype = effective.dtype
+    a_weight_t = module.lora_A[adapter].weight.detach().T.to(dtype)  # [in, r]
     scaling = module.scaling[adapter]
+    scaled_b_t = (module.lora_B[adapter].weight.detach() * scaling).T.to(dtype)  # [r, out]
+    a_t = None if a_t is None else a_t.to(dtype)
+    b_t = None if b_t is None else (b_t * scaling).to(dtype)
     bias = module.get_base_layer().bias
     copies = (a_t if a_t is not None else b_t).shape[0]
-    scaled_b = (b_weight * scaling).T  # [r, out]
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_rows(x, batch_rows)
         primal, incoming = forward_ad.unpack_dual(x)
-        h = primal.to(effective.dtype)
+        h = first_copy(primal, copies)  # every copy's primal is θ*'s: compute it once
+        if h.dtype != dtype:
+            h = h.to(dtype)
         out = F.linear(h, effective, bias)
-        h = h.reshape(copies, -1, h.shape[-1])
+        h = h.reshape(1, -1, h.shape[-1])
         own = None
         if a_t is not None:
-            own = torch.bmm(h, a_t.to(h.dtype)) @ scaled_b
+            own = torch.matmul(torch.matmul(h, a_t), scaled_b_t)
         if b_t is not None:
-            moved = torch.bmm(h @ a_weight.T, b_t.to(h.dtype)) * scaling
+            moved = torch.matmul(torch.matmul(h, a_weight_t), b_t)
             own = moved if own is None else own + moved
-        tangent = own.reshape(out.shape)
+        tangent = own.reshape(*primal.shape[:-1], own.shape[-1])
         if incoming is not None:
-            tangent = tangent + F.linear(incoming.to(effective.dtype), effective)
-        dtype = primal.dtype
-        return forward_ad.make_dual(out.to(dtype), tangent.to(dtype))
+            tangent = tangent + F.linear(incoming if incoming.dtype == dtype else incoming.to(dtype), effective)
+        out = replicate(out, copies)
+        if out.dtype != primal.dtype:
+            out, tangent = out.to(primal.dtype), tangent.to(primal.dtype)
+        return forward_ad.make_dual(out, tangent)
 
     return forward
 
@@ -308,7 +341,7 @@ def _patched_forwards(patched: list) -> Iterator[None]:
     """Give each module an instance-level `forward` for the duration (nn.Module.__call__ calls it)."""
     try:
         for module, forward in patched:
-            module.forward = forward
+            module.__dict__["forward"] = forward  # what nn.Module.__setattr__ does for a plain attribute, without its checks
         yield
     finally:
         for module, _ in patched:

@@ -12,11 +12,16 @@ registers an attention function with transformers' `AttentionInterface` (the doc
 attention kernel) that `attention_with_tangents` selects for the duration. Both fall back to the plain computation
 (and forward AD) whenever their inputs carry no tangent of `torch.autograd.forward_ad` or use a feature they do not
 write out (soft-capping, position biases, attention sinks, dropout).
+
+The batched readout runs the same query batch once per direction, so every copy of the batch has the same primal
+(θ*'s forward): given `copies`, these layers compute their primal on the first copy's rows only and repeat it,
+which leaves a JVP direction paying for its tangent, not for a forward too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator, Optional
 
 import torch
@@ -24,10 +29,27 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
-from ..estimator.functional import pretrained_models
 
 TANGENT_ATTENTION = "fwdattr_tangent_sdpa"
 _UNWRITTEN = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+_COPIES: contextvars.ContextVar[int] = contextvars.ContextVar("fwdattr_tangent_copies", default=1)
+
+
+def first_copy(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """The rows of the first of `copies` identical copies of a batch stacked copy-major along dim 0."""
+    return x if copies == 1 else x.reshape(copies, -1, *x.shape[1:])[0]
+
+
+def replicate(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """`x` stacked `copies` times along dim 0 (a real copy: forward AD wants a primal with its own memory)."""
+    return x if copies == 1 else x.repeat(copies, *([1] * (x.dim() - 1)))
+
+
+def per_copy(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """[copies · rows, ...] as [copies, rows, ...], to broadcast against one copy's primal."""
+    return x.reshape(copies, -1, *x.shape[1:])
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -41,16 +63,16 @@ def is_linear(module: nn.Module) -> bool:
     return type(module) is Conv1D
 
 
-def linear_tangent_forward(module: nn.Module):
+def linear_tangent_forward(module: nn.Module, copies: int = 1):
     """A linear layer's forward (`is_linear`) carrying its tangent by hand (x_t Wᵀ): forward AD's numbers, without its
-    overhead for a weight that has no tangent."""
+    overhead for a weight that has no tangent; with `copies`, the primal of a dual input is computed once."""
     weight = module.weight if type(module) is nn.Linear else module.weight.T  # Conv1D keeps [in, out]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         primal, incoming = forward_ad.unpack_dual(x)
-        out = F.linear(primal, weight, module.bias)
         if incoming is None:
-            return out
+            return F.linear(primal, weight, module.bias)
+        out = replicate(F.linear(first_copy(primal, copies), weight, module.bias), copies)
         return forward_ad.make_dual(out, F.linear(incoming, weight))
 
     return forward
@@ -82,22 +104,25 @@ def rms_norm_epsilon(module: nn.Module) -> Optional[float]:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w ⊙ x r, x in float32, r) with r = 1/√(mean(x²) + ε), computed in float32 as transformers' RMS norms do."""
-    h = x.float()
+    h = x if x.dtype == torch.float32 else x.float()
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + epsilon)
-    return weight * (h * r).to(x.dtype), h, r
+    normed = h * r
+    return weight * (normed if normed.dtype == x.dtype else normed.to(x.dtype)), h, r
 
 
-def rms_norm_tangent_forward(module: nn.Module, epsilon: float):
-    """An RMS normalisation forward carrying its tangent by hand: d(w ⊙ x r) = w ⊙ r (x_t − x r² mean(x x_t))."""
+def rms_norm_tangent_forward(module: nn.Module, epsilon: float, copies: int = 1):
+    """An RMS normalisation forward carrying its tangent by hand: d(w ⊙ x r) = w ⊙ r (x_t − x r² mean(x x_t));
+    with `copies`, the primal of a dual input is computed once."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         primal, incoming = forward_ad.unpack_dual(x)
-        out, h, r = _rms_norm(primal, module.weight, epsilon)
         if incoming is None:
-            return out
-        h_t = incoming.float()
-        tangent = module.weight * (r * (h_t - h * (r * r) * (h * h_t).mean(-1, keepdim=True))).to(primal.dtype)
-        return forward_ad.make_dual(out, tangent.to(out.dtype))
+            return _rms_norm(primal, module.weight, epsilon)[0]
+        out, h, r = _rms_norm(first_copy(primal, copies), module.weight, epsilon)
+        h_t = per_copy(incoming if incoming.dtype == torch.float32 else incoming.float(), copies)
+        normed_t = r * (h_t - h * (r * r) * (h * h_t).mean(-1, keepdim=True))
+        tangent = module.weight * (normed_t if normed_t.dtype == primal.dtype else normed_t.to(primal.dtype))
+        return forward_ad.make_dual(replicate(out, copies), tangent.reshape(incoming.shape))
 
     return forward
 
@@ -153,8 +178,17 @@ def tangent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                      is_causal=is_causal, **kwargs)
     if isinstance(attention_mask, torch.Tensor):
         attention_mask = forward_ad.unpack_dual(attention_mask).primal  # a mask has no tangent (it may carry a zero one)
+    copies = _COPIES.get()
+    if q.shape[0] % copies or (attention_mask is not None and attention_mask.shape[0] not in (1, q.shape[0])):
+        copies = 1
     groups = getattr(module, "num_key_value_groups", 1) or 1
-    k, k_t, v, v_t = (_expand_heads(t, groups) for t in (k, k_t, v, v_t))
+    # primal on the first copy of the batch; tangents as [copies, rows, heads, length, head_dim]
+    k, v = (_expand_heads(first_copy(t, copies), groups) for t in (k, v))
+    q = first_copy(q, copies)
+    q_t = None if q_t is None else per_copy(q_t, copies)
+    k_t, v_t = (None if t is None else per_copy(_expand_heads(t, groups), copies) for t in (k_t, v_t))
+    if attention_mask is not None and attention_mask.shape[0] > 1:
+        attention_mask = first_copy(attention_mask, copies)
     length, keys = q.shape[-2], k.shape[-2]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -167,7 +201,8 @@ def tangent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scores = scores.masked_fill(~attention_mask[..., :keys], float("-inf"))
     else:
         scores = scores + attention_mask[..., :keys]
-    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)  # a query with no key to attend to reads 0
+    weights = torch.softmax(scores if scores.dtype == torch.float32 else scores.float(), dim=-1).nan_to_num(0.0)
+    weights = weights if weights.dtype == q.dtype else weights.to(q.dtype)  # a query with no key to attend to reads 0
     out = torch.matmul(weights, v)
     d_scores = None
     if q_t is not None:
@@ -183,6 +218,8 @@ def tangent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if v_t is not None:
         term = torch.matmul(weights, v_t)
         tangent = term if tangent is None else tangent + term
+    tangent = tangent.reshape(-1, *tangent.shape[2:])
+    out = replicate(out, copies)
     return forward_ad.make_dual(out.transpose(1, 2).contiguous(), tangent.transpose(1, 2).contiguous()), None
 
 
@@ -201,19 +238,26 @@ _REGISTERED = _register()
 
 
 @contextlib.contextmanager
-def attention_with_tangents(model: nn.Module) -> Iterator[None]:
-    """Run the model's attention through `tangent_attention` for the duration (transformers models whose attention
-    goes through `AttentionInterface`, with 'eager' or 'sdpa' attention; others are left as they are)."""
+def attention_with_tangents(models: list[nn.Module], copies: int = 1) -> Iterator[None]:
+    """Run attention through `tangent_attention` for the duration, in each of `models` (transformers models, e.g.
+    `pretrained_models(model)`) that can switch its attention implementation; the batch is `copies` identical copies
+    of one batch, so the primal is computed on the first. Attention that cannot switch runs SDPA's math kernel,
+    which forward AD goes through."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     switched = []
-    if _REGISTERED:
-        for module in pretrained_models(model):
-            implementation = module.config._attn_implementation
-            can_switch = getattr(module, "_can_set_attn_implementation", lambda: True)
-            if implementation in ("eager", "sdpa") and can_switch():
-                module.set_attn_implementation(TANGENT_ATTENTION)
-                switched.append((module, implementation))
+    token = _COPIES.set(copies)
     try:
-        yield
+        if _REGISTERED:
+            for module in models:
+                implementation = module.config._attn_implementation
+                can_switch = getattr(module, "_can_set_attn_implementation", lambda: True)
+                if implementation != TANGENT_ATTENTION and can_switch():
+                    module.set_attn_implementation(TANGENT_ATTENTION)
+                    switched.append((module, implementation))
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
-        for module, implementation in switched:
+        _COPIES.reset(token)
+        for module, implementation in reversed(switched):
             module.set_attn_implementation(implementation)
