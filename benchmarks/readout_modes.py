@@ -10,7 +10,8 @@ from the artifact's responses, cycled. Every contender runs once per query and r
 the table gives medians of CPU time (this process's) and wall time per query. "× forward" divides by a forward of
 the same tokens for every direction at once: the query repeated k times in one batch, with the log-probabilities of
 its answer tokens (what one direction's forward costs when k run together). Scores are per token and summed, from
-`ForwardReadout.token_scores`, as the pipeline reads them.
+`ForwardReadout.token_scores`, as the pipeline reads them. The one-sided readout computes f(θ*) as one more copy of
+the batch, or takes it given (as the pipeline does, from generation's logits).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
         answer = tokenizer(question["answer"], add_special_tokens=False)["input_ids"]
         queries.append(CausalLMTask.query_example(prompt, answer))
     responses = artifact.responses()
+    bases: dict[int, torch.Tensor] = {}
 
     def forward_of_the_same_tokens(query: dict, copies: int):
         batch = task.collate([query] * copies)
@@ -56,6 +58,7 @@ def main() -> None:
     def backward_and_dot_products(query: dict, directions: torch.Tensor):
         return query_gradients(subspace, task, [query]) @ directions.T
 
+    bases.update({id(q): forward_of_the_same_tokens(q, 1) for q in queries})  # f(θ*) per token, computed once beforehand
     rows = []
     for count in args.directions:
         directions = responses[torch.arange(count) % len(responses)].contiguous()
@@ -67,6 +70,9 @@ def main() -> None:
             for engine in ("lora_batch", "functional"):
                 readout = ForwardReadout(subspace, task, mode, chunk_size=count, engine=engine)
                 contenders[f"{mode}, {engine}"] = lambda q, readout=readout, directions=directions: readout.token_scores([q], directions)
+        one_sided = ForwardReadout(subspace, task, "one_sided", chunk_size=count)
+        contenders["one_sided, lora_batch, f(θ*) given (as generation's logits give it)"] = (
+            lambda q, directions=directions: one_sided.token_scores([q], directions, base_values=bases[id(q)]))
         contenders["backward + dot products"] = lambda q, directions=directions: backward_and_dot_products(q, directions)
         for run in contenders.values():  # warm-up
             run(queries[0])
