@@ -334,3 +334,16 @@ def test_rms_norms_are_recognised_by_what_they_compute():
         other.weight.copy_(norm.weight)
     assert rms_norm_epsilon(other) is None
     assert rms_norm_epsilon(nn.LayerNorm(8)) is None and rms_norm_epsilon(nn.LayerNorm(8, bias=False)) is None
+
+
+def test_batched_engine_on_a_projection_next_to_the_models_own_adapter(lm_task):
+    """A projection subspace on a model that has its own LoRA adapter: both adapters run in the same layers, and the
+    batched engine reads what the functional one reads (JVP to round-off; a central difference to its precision)."""
+    model, _ = make_lm("llama", "peft")
+    queries = lm_queries(lm_examples(3, seed=17))
+    with AttributionSubspace.build(model, "projection", rank=2) as subspace:
+        directions = torch.randn(4, subspace.dim, generator=torch.Generator().manual_seed(0))
+        for mode, tolerance in (("jvp", 1e-5), ("central_difference", 3e-3)):
+            batched = ForwardReadout(subspace, lm_task, mode, engine="lora_batch").scores(queries, directions)
+            functional = ForwardReadout(subspace, lm_task, mode, engine="functional").scores(queries, directions)
+            assert (batched - functional).norm() / functional.norm() < tolerance, mode
