@@ -1,6 +1,8 @@
-# `make demo` and `make test` each set up .venv on first use (torch==2.13.0 first: a CPU wheel),
-# then run. PYTHON picks the interpreter the venv is made from.
+# `make demo` and `make test` each set up .venv on first use (torch==2.13.0 first), then run.
+# PYTHON picks the interpreter the venv is made from; TORCH_INDEX an index for torch, e.g. the CPU build on a
+# machine without a GPU: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -10,7 +12,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

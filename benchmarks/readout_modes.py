@@ -22,8 +22,8 @@ import statistics
 import time
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
 
 from hf_fwdattr import CausalLMTask, ForwardReadout, InfluenceArtifact, query_gradients
 from hf_fwdattr.demo.toy import fact_corpus
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(f"{args.demo_dir}/model")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{args.demo_dir}/model"), f"{args.demo_dir}/model").eval()
+    model = AutoPeftModelForCausalLM.from_pretrained(f"{args.demo_dir}/model").eval()  # the base the adapter names, then the adapter
     artifact = InfluenceArtifact.from_pretrained(f"{args.demo_dir}/influence")
     subspace = artifact.bind(model)
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)

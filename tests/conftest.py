@@ -22,6 +22,18 @@ from hf_fwdattr.demo.toy import tiny_gpt2, tiny_llama
 VOCAB = 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repository_untouched():
+    """Fail the session if any test wrote inside the repository (tests write under pytest's tmp_path only)."""
+    from repository import changes, snapshot
+
+    before = snapshot()
+    yield
+    written = changes(before, snapshot())
+    if written:
+        pytest.fail("Tests wrote inside the repository (use tmp_path):\n" + "\n".join(written[:20]), pytrace=False)
+
+
 class BackwardCalled(AssertionError):
     pass
 

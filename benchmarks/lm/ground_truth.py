@@ -27,12 +27,18 @@ from safetensors.torch import load_file, save_file
 CACHE = Path(__file__).resolve().parent / "cache"
 
 
+def base_dir_of(model_dir: Path) -> Path:
+    """The folder of the base model that the adapter in `model_dir` names (the demo saves base and adapter apart)."""
+    return Path(json.loads((Path(model_dir) / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
 def load_base(model_dir: Path):
     """The pretrained base of the fact model, without its adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig.from_pretrained(model_dir))
-    model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=False)
+    base_dir = base_dir_of(model_dir)
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(base_dir))
+    model.load_state_dict(load_file(base_dir / "model.safetensors"), strict=False)
     model.tie_weights()
     return model
 
@@ -71,7 +77,7 @@ def generate(name: str, model_dir: Path, documents: list[dict], queries: list[di
     n = len(documents)
     settings = {"n_subsets": n_subsets, "seeds": seeds, "fraction": fraction, "seed": seed, "n_documents": n, "n_queries": len(queries),
                 "document_ids": [d["document_id"] for d in documents],
-                "base_sha256": hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()}
+                "base_sha256": hashlib.sha256((base_dir_of(model_dir) / "model.safetensors").read_bytes()).hexdigest()}
     if path.is_file() and json.loads(meta_path.read_text())["settings"] == settings:
         tensors = load_file(path)
         meta = json.loads(meta_path.read_text())

@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import TaskError
+from ..progress import progress_bar
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
@@ -110,7 +110,7 @@ class ExplicitEigenbasis:
         matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
         identity = torch.eye(p, dtype=dtype, device=subspace.device)
         batches = range(0, len(examples), batch_size)
-        for lo in tqdm(batches, desc="Curvature (explicit)", disable=not progress, leave=False):
+        for lo in progress_bar(batches, desc="Curvature (explicit)", enabled=progress):
             batch = list(examples[lo : lo + batch_size])
             operator = CurvatureOperator(subspace, task, task.collate(batch), kind, dtype)
             for start_column in range(0, p, chunk):
@@ -206,14 +206,14 @@ class KroneckerEigenbasis:
         generator = torch.Generator(device=subspace.device).manual_seed(seed)
         sampled = lambda model, batch: task.sampled_loss_from_outputs(task.outputs(model, batch), batch, generator)  # noqa: E731
         batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
-        for batch in tqdm(batches, desc="Curvature (Kronecker factors)", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="Curvature (Kronecker factors)", enabled=progress):
             collated = task.collate(batch)
             basis._accumulate_factors(subspace, sampled, collated, task.position_mask(collated))
         for layer in layers:
             layer.input_basis = torch.linalg.eigh(layer.input_factor.double())[1].to(dtype)
             layer.output_basis = torch.linalg.eigh(layer.output_factor.double())[1].to(dtype)
             layer.eigenvalues = torch.zeros(len(layer.output_basis), len(layer.input_basis), dtype=dtype, device=subspace.device)
-        for batch in tqdm(batches, desc="Curvature (eigenvalue correction)", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="Curvature (eigenvalue correction)", enabled=progress):
             gradients = example_gradients(subspace, sampled, task.collate, batch, dtype=dtype)
             for layer in layers:
                 rotated = layer.output_basis.T @ layer.matrix(gradients) @ layer.input_basis

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import TaskError
+from ..progress import progress_bar
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
@@ -140,7 +140,7 @@ def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], b
             pending_rows = 0
 
     batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
-    for batch in tqdm(batches, desc="Curvature (exact GGN)", disable=not progress):
+    for batch in progress_bar(batches, desc="Curvature (exact GGN)", enabled=progress):
         for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype, samples=samples, generator=generator):
             rows = rows[rows.abs().amax(dim=1) > 0]  # examples without a factor in this slot
             if matrix is None and kept_rows + len(rows) <= p:

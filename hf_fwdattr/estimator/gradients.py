@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import TaskError
+from ..progress import progress_bar
 from .documents import DocumentSet
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .subspace import AttributionSubspace
@@ -163,7 +163,7 @@ def document_gradients(
     position = {doc: row for row, doc in enumerate(rows)}
     chunk_ids = [i for i, doc in enumerate(documents.example_document) if doc in position]
     out = torch.zeros(len(rows), subspace.dim, dtype=dtype, device=subspace.device)
-    for start in tqdm(range(0, len(chunk_ids), batch_size), desc="Document gradients", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(chunk_ids), batch_size), desc="Document gradients", enabled=progress):
         chunk = chunk_ids[start : start + batch_size]
         grads = example_gradients(subspace, task.train_loss, task.collate, [documents.examples[i] for i in chunk], delta, method, dtype)
         target = torch.tensor([position[documents.example_document[i]] for i in chunk], device=out.device)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import SimulationDivergedError
+from ..progress import progress_bar
 from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
 from .documents import DocumentSet, MinibatchSequence
@@ -172,7 +172,7 @@ def _linearized(subspace, task, gradients, train_examples, sequence, config, ste
     gradient_norms = gradients.norm(dim=1)
     responses = -step_size * gradients  # step 0: u = 0, so the curvature term vanishes
     steps = sequence.indices(config.horizon - 1, offset=1)
-    for step, batch_indices in enumerate(tqdm(steps, total=config.horizon - 1, desc="Simulating (linearized)", disable=not progress), start=2):
+    for step, batch_indices in enumerate(progress_bar(steps, total=config.horizon - 1, desc="Simulating (linearized)", enabled=progress), start=2):
         batch = task.collate([train_examples[i] for i in batch_indices])
         operator = CurvatureOperator(subspace, task, batch, config.curvature, gradients.dtype)
         for lo in range(0, len(responses), chunk):
@@ -195,7 +195,7 @@ def _unlearning(subspace, task, documents: DocumentSet, rows: Sequence[int], tra
     chunks_of = _chunks_by_document(documents, rows)
     responses = torch.zeros(len(rows), subspace.dim, dtype=dtype, device=device)
     with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
-        for row, doc in enumerate(tqdm(rows, desc="Simulating (unlearning)", disable=not progress)):
+        for row, doc in enumerate(progress_bar(rows, desc="Simulating (unlearning)", enabled=progress)):
             own = task.collate(chunks_of[doc])
             point = torch.zeros(subspace.dim, dtype=dtype, device=device)
             first, second = torch.zeros_like(point), torch.zeros_like(point)
@@ -259,7 +259,7 @@ def _trajectories(subspace, task, documents, rows, gradients, train_examples, se
         baseline = run([], 0.0) if config.solver is Solver.TWO_TRAJECTORY else torch.zeros(subspace.dim, dtype=dtype, device=device)
         chunks_of = _chunks_by_document(documents, rows)
         negligible = float(gradient_norms.max()) * torch.finfo(dtype).eps
-        for row, doc in enumerate(tqdm(rows, desc=f"Simulating ({config.solver.value})", disable=not progress)):
+        for row, doc in enumerate(progress_bar(rows, desc=f"Simulating ({config.solver.value})", enabled=progress)):
             norm = float(gradient_norms[row])
             if norm <= negligible:
                 continue  # u_b = 0 to working precision; up-weighting by ε/‖g_b‖ would overflow

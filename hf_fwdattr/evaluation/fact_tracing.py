@@ -36,6 +36,7 @@ import torch
 
 from ..estimator.documents import DocumentSet
 from ..estimator.task import IGNORE_INDEX, CausalLMTask
+from ..progress import progress_bar
 from .fact_data import FactTracingDataError, FactTracingSet, query_examples, tokenized_documents
 from .fact_metrics import METHOD_LABELS, METHODS, FactTracingResult, Method, source_scores_from_documents, summarize
 
@@ -93,7 +94,7 @@ def evaluate_fact_tracing(model: torch.nn.Module, tokenizer, artifact, data: Fac
         for method in methods:
             start = time.perf_counter()
             if method is Method.OURS:
-                scores[method.value] = scorer.document_scores(queries).double()
+                scores[method.value] = _in_query_chunks(scorer.document_scores, queries, "Scoring (ours)").double()
                 if source_names:  # the exact per-source readout: one direction per source
                     source_scores[method.value] = scorer.source_scores(queries).double().numpy()
             elif method is Method.UNLEARNING:
@@ -134,8 +135,10 @@ def _unlearning_scores(subspace, task, documents: DocumentSet, queries: list, ar
     from ..query.readout import ForwardReadout
 
     config = AttributionConfig(solver="unlearning", readout_chunk_size=artifact_config.readout_chunk_size)
-    simulated = simulate_responses(subspace, task, documents, documents.examples, config)
-    scores = ForwardReadout.from_config(subspace, task, config).scores(queries, simulated.responses).double()
+    simulated = simulate_responses(subspace, task, documents, documents.examples, config, progress=True)
+    responses, rows = simulated.responses, simulated.responses.shape[0]
+    chunks = progress_bar((responses[lo : lo + 32] for lo in range(0, rows, 32)), total=-(-rows // 32), desc="Scoring (ours_unlearning)")
+    scores = ForwardReadout.from_config(subspace, task, config).scores(queries, chunks, num_directions=rows).double()
     return scores, {"horizon": config.horizon, "unlearning_rate": config.unlearning_rate, "unlearning_retain": config.unlearning_retain,
                     "batch_size": config.batch_size, "simulation_seconds": simulated.seconds}
 
@@ -152,7 +155,7 @@ class _Peers:
         if self._document_gradients is None:
             from ..estimator.gradients import document_gradients
 
-            self._document_gradients = document_gradients(self.subspace, self.task, self.documents, dtype=torch.float64)
+            self._document_gradients = document_gradients(self.subspace, self.task, self.documents, dtype=torch.float64, progress=True)
         return self._document_gradients
 
     def influence(self):
@@ -160,6 +163,11 @@ class _Peers:
 
         return damped_influence_scores(self.subspace, self.task, self.queries, self.documents, self.documents.examples, self.damping,
                                        self.curvature, self.document_gradients(), **self.influence_options)
+
+
+def _in_query_chunks(score, queries: list, desc: str, chunk: int = 16) -> torch.Tensor:
+    """`score(queries)` computed `chunk` queries at a time, with a progress bar."""
+    return torch.cat([score(queries[lo : lo + chunk]) for lo in progress_bar(range(0, len(queries), chunk), desc=desc)])
 
 
 def query_groups(kinds: Sequence[str], answered: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
@@ -280,7 +288,7 @@ def default_fact_model(directory: Union[str, Path], seed: int = 0) -> tuple[str,
     model_dir, influence_dir, recipe_path = directory / "model", directory / "influence", directory / "recipe.json"
     recipe = {"corpus": EVALUATION_CORPUS, "model": EVALUATION_MODEL, "seed": seed}
     reusable = False
-    if (model_dir / "config.json").is_file() and influence_dir.is_dir() and recipe_path.is_file():
+    if (model_dir / "adapter_config.json").is_file() and influence_dir.is_dir() and recipe_path.is_file():
         try:
             same_documents = InfluenceArtifact.from_pretrained(influence_dir).documents.document_ids == [d["document_id"] for d in corpus["documents"]]
             reusable = same_documents and json.loads(recipe_path.read_text()) == recipe

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ArtifactError
 from ..estimator.config import AttributionConfig, Solver
@@ -25,6 +24,7 @@ from ..estimator.eigenbasis import estimate_eigenbasis
 from ..estimator.gradients import query_gradients
 from ..estimator.simulate import simulate_responses
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
+from ..progress import progress_bar
 from ..query.compress import build_readout_basis
 from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, base_model_of, refuse_foreign_artifact, shard_identity
 from ..storage.shards import ShardWriter
@@ -129,7 +129,7 @@ def build_influence_artifact(
         mine = [shard for position, shard in enumerate(pending) if position % processes.world == processes.rank]
         if processes.is_main and len(pending) < len(writer.names):
             logger.info("Resuming: %d of %d shards are already simulated in %s.", len(writer.names) - len(pending), len(writer.names), output_dir)
-        bar = tqdm(total=len(pending), desc="Simulating responses (shards)", disable=not (progress and processes.is_main))
+        bar = progress_bar(total=len(pending), desc="Simulating responses (shards)", enabled=progress and processes.is_main)
         for index, lo, hi in mine:
             result = simulate_responses(built, task, documents, train_examples, config, document_indices=range(lo, hi),
                                         step_size=step_size, gradient_method=gradient_method, eigenbasis=eigenbasis)

@@ -53,8 +53,11 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
     - ``response`` (str): score this given response to the prompt instead of generating (auditing).
 
     Each output record is ``{"generated_text": ..., "attributions": [...]}``; an attribution is
-    ``{"document_id", "source", "score"}`` or ``{"source", "score", "n_documents"}``. Positive scores
-    are proponents: training on the document made the answer more likely.
+    ``{"document_id", "source", "score", "share"}`` or ``{"source", "score", "share", "n_documents"}``. Positive scores
+    are proponents: training on the document made the answer more likely. ``score`` is the first-order change of the
+    answer's log-likelihood (nats) per unit of up-weighting the document in the training loss (with the removal readout:
+    its drop, in nats, when the document is unlearned); ``share`` is the entry's part of the sum of all positive scores
+    of that answer (over every document or source, not only the top ones), a scale comparable across answers.
 
     Args:
         influence: an `InfluenceArtifact`, a local artifact folder, or a Hub repo id.
@@ -74,6 +77,18 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         self.attribution_task = CausalLMTask(pad_token_id=pad if pad is not None else 0)
         self.scorer = ArtifactScorer(self.influence, self.model, self.attribution_task, mode=readout, engine=readout_engine)
         self._source_counts = {s: self.influence.documents.sources.count(s) for s in self.influence.source_names}
+
+    def check_model_type(self, supported_models):
+        """As the parent, but a PEFT model is checked by the model its adapter wraps: PEFT models are the main use case
+        (the parent would log a multi-kilobyte "not supported" error for the wrapper's class)."""
+        get_base_model = getattr(self.model, "get_base_model", None)
+        if not callable(get_base_model):
+            return super().check_model_type(supported_models)
+        wrapper, self.model = self.model, get_base_model()
+        try:
+            return super().check_model_type(supported_models)
+        finally:
+            self.model = wrapper
 
     # ------------------------------------------------------------------ the four-method contract
     def _sanitize_parameters(self, top_k=None, aggregate=None, per_token=None, response=None, **kwargs):
@@ -210,14 +225,16 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
 
     def _ranked(self, scores: torch.Tensor, request: dict) -> list[dict]:
         top = torch.topk(scores, min(request["top_k"], scores.numel()))
+        positive = float(scores.clamp(min=0).sum())  # "share": a scale comparable across answers, unlike the raw score
         ranked = []
         for score, index in zip(top.values.tolist(), top.indices.tolist()):
+            share = max(score, 0.0) / positive if positive > 0 else 0.0
             if request["aggregate"] == "source":
                 name = self.influence.source_names[index]
-                ranked.append({"source": name, "score": score, "n_documents": self._source_counts[name]})
+                ranked.append({"source": name, "score": score, "share": share, "n_documents": self._source_counts[name]})
             else:
                 documents = self.influence.documents
-                ranked.append({"document_id": documents.document_ids[index], "source": documents.sources[index], "score": score})
+                ranked.append({"document_id": documents.document_ids[index], "source": documents.sources[index], "score": score, "share": share})
         return ranked
 
 

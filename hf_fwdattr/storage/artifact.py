@@ -31,6 +31,7 @@ from ..errors import ArtifactError, FingerprintMismatchError, SubspaceError
 from ..estimator.config import AttributionConfig, ReadoutMode
 from ..estimator.documents import DocumentSet
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
+from .permissions import give_default_mode
 from .shards import (
     ComposedResponses,
     InMemoryResponses,
@@ -343,9 +344,11 @@ class InfluenceArtifact:
             writer.finish()
         if self.source_responses is not None and self.source_names:
             save_file({"responses": self.source_responses.contiguous()}, str(directory / (SOURCES_NAME + ".tmp")), metadata={"format": "pt"})
+            give_default_mode(directory / (SOURCES_NAME + ".tmp"))
             os.replace(directory / (SOURCES_NAME + ".tmp"), directory / SOURCES_NAME)
         if self.readout_basis is not None:
             save_file({k: v.contiguous() for k, v in self.readout_basis.items()}, str(directory / (BASIS_NAME + ".tmp")), metadata={"format": "pt"})
+            give_default_mode(directory / (BASIS_NAME + ".tmp"))
             os.replace(directory / (BASIS_NAME + ".tmp"), directory / BASIS_NAME)
         (directory / (DOCUMENTS_NAME + ".tmp")).write_text(self.documents.to_jsonl(), encoding="utf-8")
         os.replace(directory / (DOCUMENTS_NAME + ".tmp"), directory / DOCUMENTS_NAME)

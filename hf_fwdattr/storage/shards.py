@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ArtifactError
+from .permissions import give_default_mode
 
 INDEX_NAME = "responses.safetensors.index.json"
 PROGRESS_NAME = ".fwdattr-save-progress.json"
@@ -296,6 +297,7 @@ class ShardWriter:
         path = self.directory / self.names[index]
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({TENSOR_NAME: rows.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata={"format": "pt"})
+        give_default_mode(tmp)
         os.replace(tmp, path)
 
     def write_all(self, responses: Union[torch.Tensor, "ShardedResponses"]) -> None:
