@@ -161,7 +161,7 @@ def _serve_attribute(args: argparse.Namespace) -> int:
 
         engine = {key: value(text) for key, _, text in (item.partition("=") for item in args.engine_arg)}
         readout = VLLMReadout.from_pretrained(args.model, args.adapters, **engine)
-    records = readout.attribute(args.prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    records = readout.attribute(args.prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, per_token=args.per_token)
     if args.url:
         readout.close()
     if args.json:
@@ -173,6 +173,9 @@ def _serve_attribute(args: argparse.Namespace) -> int:
             name = entry.get("document_id") or entry["source"]
             extra = f"  ({entry['source']})" if "document_id" in entry and entry.get("source") else ""
             print(f"  {rank:>2}. {name}{extra}  {entry['score']:+.4f}")
+        for token in record.get("token_attributions", []):
+            top = token["attributions"][0]
+            print(f"     token {token['token_id']}: {top.get('document_id') or top['source']}  {top['score']:+.4f}")
     return 0
 
 
@@ -287,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--model: extra vllm.LLM argument (JSON values), e.g. kv_cache_memory_bytes=268435456.")
     serve.add_argument("--max-new-tokens", type=_positive_int, default=16, help="Longest answer generated (default 16 tokens).")
     serve.add_argument("--top-k", type=int, default=5, help="How many sources or documents to list.")
+    serve.add_argument("--per-token", action="store_true", help="Also attribute each answer token (from the same requests).")
     serve.add_argument("--json", action="store_true", help="Print the records as JSON.")
     serve.set_defaults(run=_serve_attribute)
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from hf_fwdattr import AdapterExportError, AttributionSubspace, CausalLMTask, ForwardReadout, ServingError
 from hf_fwdattr.estimator.functional import TaskFunction
 from hf_fwdattr.integrations.serving.adapter_set import AdapterSet, adapter_name, smallest_vllm_rank
-from hf_fwdattr.integrations.serving.attribution import answer_log_likelihood
+from hf_fwdattr.integrations.serving.attribution import answer_token_log_likelihoods
 from hf_fwdattr.integrations.serving.export import export_adapters, lora_layout
 
 import serving_models
@@ -204,9 +204,9 @@ def test_vllm_ranks_and_arithmetic_without_a_server():
     with pytest.raises(ServingError, match="512"):
         smallest_vllm_rank(600)
     logprobs = [None, {7: -0.5}, {9: -1.0, 3: -2.0}, {4: -0.25}]
-    assert answer_log_likelihood(logprobs, [1, 7, 9, 4], prompt_length=2) == -1.25
+    assert answer_token_log_likelihoods(logprobs, [1, 7, 9, 4], prompt_length=2) == [-1.0, -0.25]
     with pytest.raises(ServingError, match="prompt_logprobs"):
-        answer_log_likelihood([None, None, {5: -1.0}], [1, 2, 3], prompt_length=1)
+        answer_token_log_likelihoods([None, None, {5: -1.0}], [1, 2, 3], prompt_length=1)
 
 
 def test_client_modules_do_not_import_torch():

@@ -159,17 +159,34 @@ def test_in_process_one_sided_readout_equals_torch(served, llm):
     assert_equal_readouts(scores, served["torch"]["one_sided"])
 
 
+def test_in_process_token_scores_equal_torch(served, llm):
+    """Each answer token's scores come from the same requests, sum to the answer's, and equal the torch readout's."""
+    adapter_set = served["sets"]["projection", "documents"]
+    model, artifact = served["models"]["projection"]
+    qs = served["queries"]
+    totals, per_token = VLLMReadout(llm, adapter_set).token_scores(*split(qs))
+    assert_equal_readouts(totals, served["torch"]["projection", "documents"])
+    with artifact.bind(model) as subspace:
+        expected = ForwardReadout(subspace, TASK, "central_difference", epsilon=adapter_set.epsilon).token_scores(qs, artifact.responses())
+    for q, (query, tokens) in enumerate(zip(qs, per_token)):
+        prompt_length = len(split([query])[0][0])
+        assert tokens.shape == (len(query["input_ids"]) - prompt_length, artifact.num_documents)
+        np.testing.assert_allclose(tokens.sum(axis=0), totals[q], rtol=1e-9, atol=1e-9)
+        assert_equal_readouts(tokens, expected.tokens[q, prompt_length:prompt_length + len(tokens)].double().numpy())
+
+
 def test_in_process_generation_then_attribution(served, llm):
     """The answer is θ*'s greedy answer (as transformers + PEFT generate it); its scores are the torch readout's."""
     model, artifact = served["models"]["peft"]
     adapter_set = served["sets"]["peft", "sources"]
     prompts = [[5, 17, 40, 33], [9, 44, 71]]
-    records = VLLMReadout(llm, adapter_set).attribute(prompts, max_new_tokens=6, top_k=3)
+    records = VLLMReadout(llm, adapter_set).attribute(prompts, max_new_tokens=6, top_k=3, per_token=True)
     with torch.no_grad():
         for prompt, record in zip(prompts, records):
             generated = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)
             assert record["answer_token_ids"] == generated[0, len(prompt):].tolist()
             assert record["prompt_token_ids"] == prompt and len(record["attributions"]) == 3
+            assert [t["token_id"] for t in record["token_attributions"]] == record["answer_token_ids"]
     query = [CausalLMTask.query_example(p, r["answer_token_ids"]) for p, r in zip(prompts, records)]
     with artifact.bind(model) as subspace:
         expected = ForwardReadout(subspace, TASK, "central_difference", epsilon=adapter_set.epsilon).scores(query, artifact.source_responses)
@@ -206,10 +223,11 @@ def test_server_generation_then_attribution_matches_in_process(served, server, l
 def test_cli_attributes_through_the_server(served, server):
     adapters = served["sets"]["peft", "sources"].directory
     out = subprocess.run([sys.executable, "-m", "hf_fwdattr.cli", "serve-attribute", "the capital of", "--adapters", str(adapters),
-                          "--url", server, "--max-new-tokens", "4", "--top-k", "2", "--json"], capture_output=True, text=True, timeout=300)
+                          "--url", server, "--max-new-tokens", "4", "--top-k", "2", "--per-token", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (record,) = json.loads(out.stdout)
     assert len(record["answer_token_ids"]) >= 1 and [set(r) for r in record["attributions"]] == [{"source", "score"}] * 2
+    assert len(record["token_attributions"]) == len(record["answer_token_ids"])
 
 
 def test_server_refusals_name_the_setting(served, server, rank16, tmp_path):

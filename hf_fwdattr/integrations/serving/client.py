@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ...errors import ServingError
 from .adapter_set import AdapterSet
-from .attribution import ServedReadout, TokenIds, answer_log_likelihood
+from .attribution import ServedReadout, TokenIds, answer_token_log_likelihoods
 
 
 class VLLMServerReadout(ServedReadout):
@@ -142,24 +142,25 @@ class VLLMServerReadout(ServedReadout):
             raise ServingError(f"The server at {self.url} failed a completion request for {body['model']!r} ({status}): {message}")
         return payload["choices"][0]
 
-    def log_likelihoods(self, prompts: Sequence[TokenIds], answers: Sequence[TokenIds], adapter_names: Sequence[str]) -> dict[str, list[float]]:
-        """adapter name → each answer's summed log-probability under it: one `/v1/completions` request per
+    def token_log_likelihoods(self, prompts: Sequence[TokenIds], answers: Sequence[TokenIds],
+                              adapter_names: Sequence[str]) -> dict[str, list[list[float]]]:
+        """adapter name → each answer's token log-probabilities under it: one `/v1/completions` request per
         (query, adapter), ``prompt_logprobs=0``, sent concurrently."""
         jobs = []
         for name in adapter_names:
             for q, (prompt, answer) in enumerate(zip(prompts, answers)):
                 jobs.append((name, q, [int(t) for t in prompt], [int(t) for t in prompt] + [int(t) for t in answer]))
 
-        def run(job) -> float:
+        def run(job) -> list[float]:
             name, _, prompt, sequence = job
             choice = self._completion({"model": self.adapters.served_name(name), "prompt": sequence, "max_tokens": 1,
                                        "temperature": 0.0, "prompt_logprobs": 0, "return_token_ids": True})
             entries = [None if e is None else {int(t): float(v["logprob"]) for t, v in e.items()} for e in choice["prompt_logprobs"]]
-            return answer_log_likelihood(entries, choice.get("prompt_token_ids") or sequence, len(prompt))
+            return answer_token_log_likelihoods(entries, choice.get("prompt_token_ids") or sequence, len(prompt))
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(jobs)))) as pool:
             results = list(pool.map(run, jobs))
-        values: dict[str, list[float]] = {name: [0.0] * len(prompts) for name in adapter_names}
+        values: dict[str, list[list[float]]] = {name: [[] for _ in prompts] for name in adapter_names}
         for (name, q, _, _), value in zip(jobs, results):
             values[name][q] = value
         return values

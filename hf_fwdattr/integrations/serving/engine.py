@@ -16,7 +16,7 @@ from typing import Any, Sequence, Union
 
 from ...errors import ServingError
 from .adapter_set import AdapterSet
-from .attribution import ServedReadout, TokenIds, answer_log_likelihood
+from .attribution import ServedReadout, TokenIds, answer_token_log_likelihoods
 
 _LORA_IDS = itertools.count(1)  # vLLM's LoRA ids must be unique per engine; unique per process is enough
 
@@ -89,8 +89,9 @@ class VLLMReadout(ServedReadout):
         adapter_set = adapters if isinstance(adapters, AdapterSet) else AdapterSet.from_pretrained(adapters)
         return cls(LLM(model=str(model), **vllm_engine_arguments(adapter_set, **llm_arguments)), adapter_set)
 
-    def log_likelihoods(self, prompts: Sequence[TokenIds], answers: Sequence[TokenIds], adapter_names: Sequence[str]) -> dict[str, list[float]]:
-        """adapter name → each answer's summed log-probability under it: one vLLM request per (query, adapter),
+    def token_log_likelihoods(self, prompts: Sequence[TokenIds], answers: Sequence[TokenIds],
+                              adapter_names: Sequence[str]) -> dict[str, list[list[float]]]:
+        """adapter name → each answer's token log-probabilities under it: one vLLM request per (query, adapter),
         all in one `generate` call (`max_tokens=1`, `prompt_logprobs=0`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -103,10 +104,10 @@ class VLLMReadout(ServedReadout):
                 owners.append((name, q, len(prompt)))
         parameters = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate(requests, parameters, lora_request=loras, use_tqdm=False)
-        values: dict[str, list[float]] = {name: [0.0] * len(prompts) for name in adapter_names}
+        values: dict[str, list[list[float]]] = {name: [[] for _ in prompts] for name in adapter_names}
         for (name, q, prompt_length), output in zip(owners, outputs):
             logprobs = [None if entry is None else {t: lp.logprob for t, lp in entry.items()} for entry in output.prompt_logprobs]
-            values[name][q] = answer_log_likelihood(logprobs, output.prompt_token_ids, prompt_length)
+            values[name][q] = answer_token_log_likelihoods(logprobs, output.prompt_token_ids, prompt_length)
         return values
 
     def generate(self, prompts: Sequence[Union[str, TokenIds]], max_new_tokens: int) -> list[tuple[list[int], list[int], str]]:
