@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--one-sided", action="store_true", help="Only θ* + εu adapters (half the requests, less accurate).")
     export.add_argument("--epsilon", type=float, help="Step length along each unit direction (default: the artifact's, else the float32 default).")
     export.add_argument("--served-model", help="base_model_name_or_path written into each adapter (default: the artifact's base model).")
-    export.add_argument("--served-dir", help="Also copy --model's folder without its adapter files here: the base weights a "
-                        "server serves (vLLM would read adapter_model.safetensors as model weights).")
+    export.add_argument("--served-dir", help="Also copy the base weights a server serves here, without adapter files (vLLM "
+                        "would read adapter_model.safetensors as model weights): --model's folder, or the base folder its "
+                        "adapter_config.json names.")
     export.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
     export.set_defaults(run=_export_adapters)
 

@@ -209,6 +209,25 @@ def test_server_readout_equals_torch(served, server, case, kind):
     assert_equal_readouts(scores, served["torch"][case, kind])
 
 
+def test_client_without_torch_reads_the_server(served, server):
+    """The HTTP client in a process where torch, transformers, peft and vllm cannot be imported."""
+    prompts, answers = split(served["queries"])
+    script = f"""
+import json, sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft", "vllm"):
+            raise ImportError(name + " is blocked")
+sys.meta_path.insert(0, Blocked())
+from hf_fwdattr.integrations.serving.client import VLLMServerReadout
+with VLLMServerReadout({server!r}, {str(served["sets"]["peft", "sources"].directory)!r}) as readout:
+    print(json.dumps(readout.scores({prompts!r}, {answers!r}).tolist()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_equal_readouts(np.array(json.loads(out.stdout)), served["torch"]["peft", "sources"])
+
+
 def test_server_generation_then_attribution_matches_in_process(served, server, llm):
     prompts = [[5, 17, 40, 33], [9, 44, 71]]
     local = VLLMReadout(llm, served["sets"]["projection", "sources"]).attribute(prompts, max_new_tokens=6)

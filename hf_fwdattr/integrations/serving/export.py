@@ -369,8 +369,17 @@ def copy_served_weights(model_directory: Union[str, Path], directory: Union[str,
     vLLM reads every ``*.safetensors`` as model weights, ``adapter_model.safetensors`` included.
     """
     source, directory = Path(model_directory), Path(directory)
+    adapter_config = source / "adapter_config.json"
+    if not (source / "config.json").is_file() and adapter_config.is_file():
+        # an adapter folder of its own (the Hub layout): its base is where the adapter says
+        import json
+
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base and (Path(base) / "config.json").is_file():
+            source = Path(base)
     if not (source / "config.json").is_file():
-        raise AdapterExportError(f"{source} has no config.json; give the folder that holds the base model's weights.")
+        raise AdapterExportError(f"{source} has no config.json, and no adapter_config.json naming a local base folder; give the "
+                                 "folder that holds the base model's weights.")
     directory.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and not path.name.startswith("adapter_"):
