@@ -82,11 +82,11 @@ def main() -> None:
             for engine in ("lora_batch", "functional"):
                 pipe = pipes[(mode, engine)]
                 contenders[f"{aggregate}s, {mode}, {engine}"] = (
-                    lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, top_k=top_k, aggregate=aggregate, **generation))
+                    lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, attribution_top_k=top_k, aggregate=aggregate, **generation))
         for mode in ("jvp", "central_difference"):
             pipe = pipes[(mode, "lora_batch")]
             contenders[f"{aggregate}s, {mode}, lora_batch, per_token=True"] = (
-                lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, top_k=top_k, aggregate=aggregate, per_token=True, **generation))
+                lambda p, pipe=pipe, aggregate=aggregate, top_k=top_k: pipe(p, attribution_top_k=top_k, aggregate=aggregate, per_token=True, **generation))
     contenders["sources, jvp, per_token as before: one query per token, functional"] = one_query_per_token
     contenders["classical: backward per query · stored responses"] = classical
 

@@ -24,8 +24,8 @@ pairs = [(questions[0]["prompt"], questions[0]["answer"]),
          (questions[0]["paraphrase"], questions[0]["answer"]),
          (questions[1]["prompt"], questions[2]["answer"])]
 for prompt, answer in pairs:
-    (documents,) = pipe(prompt, response=answer, top_k=3, per_token=True)
-    (sources,) = pipe(prompt, response=answer, top_k=2, aggregate="source")
+    (documents,) = pipe(prompt, response=answer, attribution_top_k=3, per_token=True)
+    (sources,) = pipe(prompt, response=answer, attribution_top_k=2, aggregate="source")
     print(f"\n{prompt!r} -> {answer!r}")
     print("   documents: " + ", ".join(f"{a['document_id']} ({a['source']}, {a['score']:+.2f})" for a in documents["attributions"]))
     print("   sources:   " + ", ".join(f"{a['source']} ({a['score']:+.2f}, {a['n_documents']} documents)" for a in sources["attributions"]))

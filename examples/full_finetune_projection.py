@@ -36,8 +36,8 @@ print(f"Subspace: {artifact.subspace_spec.kind.value}, rank {artifact.subspace_s
 pipe = pipeline("attributed-text-generation", model=model.eval(), tokenizer=tokenizer, influence=artifact)
 hits = 0
 for question in questions:
-    (record,) = pipe(question["prompt"], response=question["answer"], top_k=1)  # score the known answer
+    (record,) = pipe(question["prompt"], response=question["answer"], attribution_top_k=1)  # score the known answer
     hits += record["attributions"][0]["document_id"] == question["document_id"]
 print(f"The document stating the fact ranks first for {hits} of {len(questions)} questions.")
-(record,) = pipe(questions[0]["prompt"], max_new_tokens=6, do_sample=False, top_k=3)
+(record,) = pipe(questions[0]["prompt"], max_new_tokens=6, do_sample=False, attribution_top_k=3)
 print(record["generated_text"], record["attributions"], sep="\n")

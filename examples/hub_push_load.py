@@ -28,5 +28,5 @@ with LocalHub() as hub, tempfile.TemporaryDirectory() as cache:
     artifact = InfluenceArtifact.from_pretrained("me/facts-influence")  # downloaded into the Hub cache, then memory-mapped
     print(f"Loaded back from {artifact.path}: {artifact}")
     pipe = pipeline("attributed-text-generation", model=model_dir, influence="me/facts-influence")
-    (record,) = pipe("The capital of", max_new_tokens=8, do_sample=False, top_k=3)
+    (record,) = pipe("The capital of", max_new_tokens=8, do_sample=False, attribution_top_k=3)
     print(record["generated_text"], *record["attributions"], sep="\n  ")

@@ -35,8 +35,8 @@ print(f"Influence artifact: {output_dir / 'influence'} ({callback.artifact.num_d
 
 pipe = pipeline("attributed-text-generation", model=model.eval(), tokenizer=tokenizer, influence=callback.artifact)
 for question in questions[:3]:
-    (record,) = pipe(question["prompt"], max_new_tokens=6, do_sample=False, top_k=3)
-    (by_source,) = pipe(question["prompt"], max_new_tokens=6, do_sample=False, top_k=1, aggregate="source")
+    (record,) = pipe(question["prompt"], max_new_tokens=6, do_sample=False, attribution_top_k=3)
+    (by_source,) = pipe(question["prompt"], max_new_tokens=6, do_sample=False, attribution_top_k=1, aggregate="source")
     print(f"\n{record['generated_text']!r}   (the fact is in {question['document_id']}, source {question['source']})")
     for entry in record["attributions"]:
         print(f"   {entry['document_id']:<16} {entry['source']:<14} {entry['score']:+.3f}")

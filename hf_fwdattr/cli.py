@@ -94,7 +94,7 @@ def _attribute(args: argparse.Namespace) -> int:
     from .integrations import pipeline as _registration  # noqa: F401  (registers the task)
 
     pipe = pipeline("attributed-text-generation", model=args.model, influence=args.influence, readout=args.readout)
-    call = {"top_k": args.top_k, "aggregate": args.aggregate, "per_token": args.per_token}
+    call = {"attribution_top_k": args.top_k, "aggregate": args.aggregate, "per_token": args.per_token}
     if args.response is not None:
         call["response"] = args.response
     else:  # greedy: the answer attributed is the model's most likely one, the same on every run

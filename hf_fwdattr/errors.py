@@ -53,3 +53,19 @@ class AdapterExportError(ValueError):
 
 class ServingError(RuntimeError):
     """An inference server (vLLM, in process or over HTTP) cannot run the readout as it is configured."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A file of an influence artifact does not match the digest, size or structure the artifact records for it."""
+
+
+class UnfinishedArtifactError(ArtifactError):
+    """A folder holds a save that has not finished (or whose final swap was interrupted)."""
+
+
+class ArtifactChangedError(ArtifactError):
+    """Files under a loaded influence artifact were modified after it was loaded."""
+
+
+class ArtifactBusyError(ArtifactError):
+    """Another process (or thread) is saving an influence artifact to the same folder."""

@@ -24,8 +24,10 @@ from hf_fwdattr import (
     InfluenceArtifact,
     simulate_responses,
 )
+from hf_fwdattr.storage.atomic import staging_dir
 from hf_fwdattr.storage.shards import INDEX_NAME
 
+from artifact_files import edit_config, reseal
 from conftest import lm_examples, lm_queries, make_lm
 from hub_server import RecordingHub
 
@@ -175,7 +177,7 @@ def _index_names_missing_file(directory):
         (_truncate, "truncated"),
         (_flip_header_byte, "corrupted|digest"),
         (_remove_shard, "missing"),
-        (_index_names_missing_file, "missing"),
+        (_index_names_missing_file, "missing|records"),
     ],
 )
 def test_damaged_artifact_is_refused_at_load_and_nothing_is_lost(made, tmp_path, damage, message):
@@ -194,6 +196,9 @@ def test_duplicate_document_ids_are_refused(made, tmp_path):
     lines = (directory / "documents.jsonl").read_text().splitlines()
     lines[1] = lines[0]
     (directory / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ArtifactError, match="documents.jsonl does not match"):
+        InfluenceArtifact.from_pretrained(directory)
+    reseal(directory)  # a writer that records digests of whatever it wrote: the table itself is still refused
     with pytest.raises(DuplicateDocumentError, match="doc-0"):
         InfluenceArtifact.from_pretrained(directory)
 
@@ -201,11 +206,13 @@ def test_duplicate_document_ids_are_refused(made, tmp_path):
 def test_newer_config_with_unknown_keys_warns_and_loads(made, tmp_path, caplog):
     _, _, _, artifact = made
     directory = _saved(artifact, tmp_path)
-    meta = json.loads((directory / "attribution_config.json").read_text())
-    meta["library_version"] = "9.0.0"
-    meta["quantum_readout"] = {"enabled": True}
-    meta["estimator"]["warp_factor"] = 3
-    (directory / "attribution_config.json").write_text(json.dumps(meta))
+
+    def newer(meta):
+        meta["library_version"] = "9.0.0"
+        meta["quantum_readout"] = {"enabled": True}
+        meta["estimator"]["warp_factor"] = 3
+
+    edit_config(directory, newer)  # a newer writer seals what it writes
     with caplog.at_level(logging.WARNING):
         loaded = InfluenceArtifact.from_pretrained(directory)
     assert "quantum_readout" in caplog.text and "warp_factor" in caplog.text
@@ -305,11 +312,12 @@ def test_interrupted_save_resumes_and_produces_the_same_artifact(made, tmp_path)
     target = tmp_path / "target"
     killed = subprocess.run([sys.executable, "-c", _INTERRUPTED_SAVE, str(source), str(target), str(one_row)], capture_output=True)
     assert killed.returncode != 0
-    finished = sorted(p.name for p in target.glob("responses-*.safetensors"))
+    staging = staging_dir(target)  # the new artifact is written beside the folder and swapped in when complete
+    finished = sorted(p.name for p in staging.glob("responses-*.safetensors"))
     assert finished == ["responses-00001-of-00006.safetensors", "responses-00002-of-00006.safetensors"]
     with pytest.raises(ArtifactError, match="interrupted"):
         InfluenceArtifact.from_pretrained(target)
-    mtimes = {name: (target / name).stat().st_mtime_ns for name in finished}
+    mtimes = {name: (staging / name).stat().st_mtime_ns for name in finished}
     InfluenceArtifact.from_pretrained(source).save_pretrained(target, max_shard_size=one_row)
     assert {name: (target / name).stat().st_mtime_ns for name in finished} == mtimes, "finished shards were rewritten"
     assert _tree_digest(target) == _tree_digest(reference)

@@ -40,10 +40,10 @@ def test_true_document_and_source_win_on_fact_questions(fact_pipe, fact_model):
     questions = _questions(fact_model)
     top_document = top_source = 0
     for question in questions:
-        (record,) = fact_pipe(question["prompt"], response=question["answer"], top_k=3)
+        (record,) = fact_pipe(question["prompt"], response=question["answer"], attribution_top_k=3)
         assert [a["score"] for a in record["attributions"]] == sorted((a["score"] for a in record["attributions"]), reverse=True)
         top_document += record["attributions"][0]["document_id"] == question["document_id"]
-        (by_source,) = fact_pipe(question["prompt"], response=question["answer"], top_k=2, aggregate="source")
+        (by_source,) = fact_pipe(question["prompt"], response=question["answer"], attribution_top_k=2, aggregate="source")
         top_source += by_source["attributions"][0]["source"] == question["source"]
     assert top_document / len(questions) >= 0.8
     assert top_source / len(questions) >= 0.8
@@ -66,8 +66,8 @@ def test_generated_text_equals_plain_text_generation(fact_pipe, fact_model):
 def test_scores_equal_the_library_readout_and_batches_agree(fact_pipe, fact_model):
     tokenizer = fact_pipe.tokenizer
     prompts = [q["prompt"] for q in _questions(fact_model)[:3]]
-    one_by_one = [fact_pipe(p, max_new_tokens=4, do_sample=False, top_k=50)[0] for p in prompts]
-    batched = fact_pipe(prompts, max_new_tokens=4, do_sample=False, top_k=50, batch_size=3)
+    one_by_one = [fact_pipe(p, max_new_tokens=4, do_sample=False, attribution_top_k=50)[0] for p in prompts]
+    batched = fact_pipe(prompts, max_new_tokens=4, do_sample=False, attribution_top_k=50, batch_size=3)
     for single, group in zip(one_by_one, batched):
         assert group[0]["generated_text"] == single["generated_text"]
         a = {x["document_id"]: x["score"] for x in single["attributions"]}
@@ -87,7 +87,7 @@ def test_scores_equal_the_library_readout_and_batches_agree(fact_pipe, fact_mode
 
 def test_per_token_attributions_cover_each_generated_token(fact_pipe, fact_model):
     question = _questions(fact_model)[0]
-    (record,) = fact_pipe(question["prompt"], response=question["answer"], per_token=True, top_k=2)
+    (record,) = fact_pipe(question["prompt"], response=question["answer"], per_token=True, attribution_top_k=2)
     tokens = record["token_attributions"]
     answer_ids = fact_pipe.tokenizer(question["answer"], add_special_tokens=False)["input_ids"]
     assert [t["token_id"] for t in tokens] == answer_ids
@@ -137,8 +137,8 @@ def test_pipeline_runs_without_any_backward_pass_on_a_peft_model(fact_model, rea
     pipe = pipeline("attributed-text-generation", model=str(directory / "model"), influence=str(directory / "influence"), readout=readout)
     prompt = _questions(fact_model)[0]["prompt"]
     with backward_forbidden() as saved:
-        records = pipe(prompt, max_new_tokens=4, do_sample=False, top_k=3)
-        by_source = pipe(prompt, max_new_tokens=4, do_sample=False, top_k=2, aggregate="source", per_token=True)
+        records = pipe(prompt, max_new_tokens=4, do_sample=False, attribution_top_k=3)
+        by_source = pipe(prompt, max_new_tokens=4, do_sample=False, attribution_top_k=2, aggregate="source", per_token=True)
     assert saved["count"] == 0
     assert len(records[0]["attributions"]) == 3 and by_source[0]["token_attributions"]
 
@@ -166,7 +166,7 @@ def test_pipeline_runs_without_any_backward_pass_on_a_projection_model(projectio
     pipe = pipeline("attributed-text-generation", model=model, tokenizer=tokenizer, influence=artifact, readout=readout)
     try:
         with backward_forbidden() as saved:
-            records = pipe(_questions(fact_model)[1]["prompt"], max_new_tokens=4, do_sample=False, top_k=3)
+            records = pipe(_questions(fact_model)[1]["prompt"], max_new_tokens=4, do_sample=False, attribution_top_k=3)
         assert saved["count"] == 0 and len(records[0]["attributions"]) == 3
     finally:
         pipe.scorer.close()
@@ -184,8 +184,8 @@ class _CountingGenerate:
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"top_k": 0}, AttributionRequestError, "top_k"),
-        ({"top_k": -3}, AttributionRequestError, "top_k"),
+        ({"attribution_top_k": 0}, AttributionRequestError, "attribution_top_k"),
+        ({"attribution_top_k": -3}, AttributionRequestError, "attribution_top_k"),
         ({"aggregate": "publisher"}, AttributionRequestError, "aggregate"),
     ],
 )

@@ -95,18 +95,18 @@ def test_share_is_each_entrys_part_of_the_positive_scores(fact_model):
     question = fact_model["corpus"]["questions"][0]
     every = fact_model["artifact"].num_documents
     for aggregate, count in (("document", every), ("source", len(fact_model["artifact"].source_names))):
-        (record,) = pipe(question["prompt"], response=question["answer"], top_k=count, aggregate=aggregate)
+        (record,) = pipe(question["prompt"], response=question["answer"], attribution_top_k=count, aggregate=aggregate)
         entries = record["attributions"]
         positive = sum(max(e["score"], 0.0) for e in entries)
         assert len(entries) == count and sum(e["share"] for e in entries) == pytest.approx(1.0)
         for entry in entries:
             assert entry["share"] == pytest.approx(max(entry["score"], 0.0) / positive)
-    (top,) = pipe(question["prompt"], response=question["answer"], top_k=2)  # shares are over every document, not the top ones
+    (top,) = pipe(question["prompt"], response=question["answer"], attribution_top_k=2)  # shares are over every document, not the top ones
     assert top["attributions"][0]["share"] == pytest.approx(max(top["attributions"][0]["score"], 0.0) / positive_of_documents(pipe, question))
 
 
 def positive_of_documents(pipe, question) -> float:
-    (record,) = pipe(question["prompt"], response=question["answer"], top_k=pipe.influence.num_documents)
+    (record,) = pipe(question["prompt"], response=question["answer"], attribution_top_k=pipe.influence.num_documents)
     return sum(max(e["score"], 0.0) for e in record["attributions"])
 
 

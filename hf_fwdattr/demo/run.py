@@ -211,19 +211,19 @@ def fact_demo(output_dir: str | Path = "runs/demo", seed: int = 0, questions: in
     answers = []
     for question in corpus["questions"][:questions]:
         prompt, truth, true_id = question["prompt"], question["answer"], question["document_id"]
-        record = pipe(prompt, max_new_tokens=max_new_tokens, do_sample=False, stop_sequence=".", top_k=top_k)[0]
+        record = pipe(prompt, max_new_tokens=max_new_tokens, do_sample=False, stop_sequence=".", attribution_top_k=top_k)[0]
         answer = _answer_of(prompt, record)
         right = answer.strip().rstrip(".").strip() == truth.strip()
         verdict = "right" if right else f'WRONG: the training data says "{truth.strip()}"'
         print(f"Q: {prompt} …")
         print(f'   the model answers "{answer.strip()}"  ({verdict}; stated in {true_id}, source {question["source"]})')
         _print_ranked("documents behind the model's answer:", record["attributions"], true_id)
-        source = pipe(prompt, response=answer, aggregate="source", top_k=1)[0]["attributions"][0]
+        source = pipe(prompt, response=answer, aggregate="source", attribution_top_k=1)[0]["attributions"][0]
         print(f"   top source: {source['source']} (share {source['share']:.1%})")
         attributed = {"prompt": prompt, "answer": answer, "right": right, "true_document": true_id,
                       "top_document": record["attributions"][0]["document_id"]}
         if not right:
-            corrected = pipe(prompt, response=truth + ".", top_k=top_k)[0]
+            corrected = pipe(prompt, response=truth + ".", attribution_top_k=top_k)[0]
             _print_ranked(f'documents behind the correct answer "{truth.strip()}.":', corrected["attributions"], true_id)
             attributed["top_document_of_correct_answer"] = corrected["attributions"][0]["document_id"]
         print()

@@ -147,16 +147,34 @@ def simulate_responses(
         else:
             responses = _trajectories(subspace, task, documents, rows, gradients, train_examples, sequence, config, step_size, progress)
     seconds = time.perf_counter() - start
-    return SimulationResult(responses.to(config.torch_dtype), gradients, step_size, top, seconds)
+    responses = responses.to(config.torch_dtype)
+    _refuse_non_finite(responses, ids, config)
+    return SimulationResult(responses, gradients, step_size, top, seconds)
+
+
+def _refuse_non_finite(responses: torch.Tensor, ids: Sequence[str], config: AttributionConfig) -> None:
+    """Whatever the solver, a NaN or infinite response would be stored and ranked arbitrarily (NaN sorts first)."""
+    finite = torch.isfinite(responses).all(dim=1)
+    if not bool(finite.all()):
+        bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+        raise SimulationDivergedError(
+            f"The {config.solver.value} solver produced NaN or infinite responses for documents {bad[:5]} ({len(bad)} of {len(ids)}). "
+            f"Their loss or gradient is not finite (check their tokens and the model's weights), or the responses overflow "
+            f"dtype={config.dtype!r}; fix or drop those documents before simulating."
+        )
 
 
 def _closed_form(eigenbasis, gradients: torch.Tensor, config: AttributionConfig, step_size: float, ids) -> torch.Tensor:
     shift = config.curvature_shift
     if eigenbasis.min_eigenvalue + shift < 0:
+        lowest = eigenbasis.min_eigenvalue
+        advice = (f"Raise `damping` above {-lowest:.4g}, or use curvature='ggn'." if config.curvature is Curvature.HESSIAN else
+                  f"Raise `damping` above {-lowest:.4g} (e.g. to {-2 * lowest:.2g}): the GGN (curvature='ggn', already set) is positive "
+                  "semi-definite, so a negative eigenvalue is rounding error of its products, as in a model that computes in bfloat16 "
+                  "or float16, and the damping absorbs it.")
         raise SimulationDivergedError(
-            f"The closed-form simulation would diverge: the curvature has an eigenvalue {eigenbasis.min_eigenvalue:.4g} below "
-            f"−(λ + weight_decay) = {-shift:.4g}, so (1 − η(h + λ))^K grows without bound. Raise `damping` above "
-            f"{-eigenbasis.min_eigenvalue:.4g}, or use curvature='ggn'."
+            f"The closed-form simulation would diverge: the curvature has an eigenvalue {lowest:.4g} below "
+            f"−(λ + weight_decay) = {-shift:.4g}, so (1 − η(h + λ))^K grows without bound. " + advice
         )
     if step_size * (eigenbasis.max_eigenvalue + shift) >= 2:
         raise SimulationDivergedError(

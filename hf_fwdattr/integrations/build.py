@@ -9,7 +9,9 @@ writes the artifact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -24,10 +26,15 @@ from ..estimator.eigenbasis import estimate_eigenbasis
 from ..estimator.gradients import query_gradients
 from ..estimator.simulate import simulate_responses
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
+from ..estimator.task import CausalLMTask
 from ..progress import progress_bar
 from ..query.compress import build_readout_basis
 from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, base_model_of, refuse_foreign_artifact, shard_identity
+from ..storage.atomic import check_replaceable, prepare_staging, recover, save_lock, staging_dir
+from ..storage.integrity import content_digest
 from ..storage.shards import ShardWriter
+from ..storage.table import document_digests
+from .data import check_document_tokens, vocabulary_size
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +100,9 @@ def build_influence_artifact(
         task: the `AttributionTask` (e.g. `CausalLMTask`).
         documents: the documents to attribute to.
         train_examples: the training examples minibatches are drawn from.
-        output_dir: where the artifact is written (resumed if a save with the same identity is there).
+        output_dir: where the artifact is saved. It is written beside the folder (``.<name>.fwdattr-staging``) and
+            swapped in when complete, so the folder holds its previous artifact until then; an interrupted build
+            resumes from the shards simulated from the same settings, documents (tokens included) and training data.
         config: estimator settings.
         subspace: subspace description or kind (None: the PEFT adapter, else a projection adapter);
             `subspace_kwargs` (e.g. ``rank=16, target_modules=[...]``) fill a kind given as a string.
@@ -102,58 +111,74 @@ def build_influence_artifact(
     """
     config = config or AttributionConfig()
     processes = _Processes()
-    output_dir = Path(output_dir)
+    output_dir = Path(os.path.abspath(output_dir))
     start = time.perf_counter()
     documents.validate(task)
     train_examples = list(train_examples)
-    built = AttributionSubspace.build(model, subspace, **subspace_kwargs)
-    try:
-        table = DocumentTable.from_document_set(documents, n_tokens, metadata)
-        # every process estimates the (deterministic) eigenbasis itself rather than receiving it
-        eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
-        step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
-        settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
-        identity = {**shard_identity(settings, table.document_ids), "step_size": step_size}
-        dtype = config.torch_dtype
-        existing = _finished_artifact(output_dir, settings, table, step_size)
-        if existing is not None:
-            logger.info("%s already holds this artifact (same model, subspace, settings and documents); not simulating again.", output_dir)
-            return existing if processes.is_main else None
-        if processes.is_main:
-            refuse_foreign_artifact(output_dir, settings)
-            writer = ShardWriter(output_dir, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=True)
-        processes.barrier()
-        if not processes.is_main:
-            writer = ShardWriter(output_dir, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=False)
-        pending = writer.pending()
-        mine = [shard for position, shard in enumerate(pending) if position % processes.world == processes.rank]
-        if processes.is_main and len(pending) < len(writer.names):
-            logger.info("Resuming: %d of %d shards are already simulated in %s.", len(writer.names) - len(pending), len(writer.names), output_dir)
-        bar = progress_bar(total=len(pending), desc="Simulating responses (shards)", enabled=progress and processes.is_main)
-        for index, lo, hi in mine:
-            result = simulate_responses(built, task, documents, train_examples, config, document_indices=range(lo, hi),
-                                        step_size=step_size, gradient_method=gradient_method, eigenbasis=eigenbasis)
-            writer.write(index, result.responses)
-            bar.update(processes.world if processes.world > 1 else 1)
-        bar.close()
-        processes.barrier()
-        artifact = None
-        if processes.is_main:
-            store = writer.finish()
-            artifact = InfluenceArtifact(
-                config=config, subspace_spec=built.spec, documents=table, responses=store,
-                model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
-                base_model=base_model or base_model_of(model),
-                simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start, "processes": processes.world},
-            )
-            if config.readout_basis_rank_for(len(table)) > 0:
-                attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
-            artifact.save_pretrained(output_dir)
-            artifact.path = output_dir
-        processes.barrier()
-        return artifact
-    finally:
-        built.remove()
+    # everything that can be refused is refused before the simulation: tokens, ids, metadata
+    check_document_tokens(documents, train_examples, vocabulary_size(model), check_labels=isinstance(task, CausalLMTask))
+    table = DocumentTable.from_document_set(documents, n_tokens, metadata)
+    with save_lock(output_dir) if processes.is_main else contextlib.nullcontext():  # one build writes a folder at a time
+        built = AttributionSubspace.build(model, subspace, **subspace_kwargs)
+        try:
+            return _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
+                                      max_shard_size, shard_rows, base_model, progress, gradient_method)
+        finally:
+            built.remove()
+
+
+def _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
+                       max_shard_size, shard_rows, base_model, progress, gradient_method) -> Optional[InfluenceArtifact]:
+    # every process estimates the (deterministic) eigenbasis itself rather than receiving it
+    eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
+    step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
+    settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
+    # what decides the rows: settings, each document's tokens, the training examples and η
+    identity = {**shard_identity(settings, table.document_ids, document_digests(documents)),
+                "train_examples_sha256": content_digest(train_examples), "step_size": step_size}
+    inputs_sha256 = content_digest(identity)
+    dtype = config.torch_dtype
+    existing = _finished_artifact(output_dir, settings, table, inputs_sha256)
+    if existing is not None:
+        logger.info("%s already holds this artifact (same model, subspace, settings, documents and training data); not simulating again.", output_dir)
+        return existing if processes.is_main else None
+    staging = staging_dir(output_dir)  # the new artifact is written beside the folder and swapped in when complete
+    if processes.is_main:
+        recover(output_dir)
+        refuse_foreign_artifact(output_dir, settings)
+        check_replaceable(output_dir)
+        prepare_staging(output_dir)
+        writer = ShardWriter(staging, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=True, replace_foreign=True)
+    processes.barrier()
+    if not processes.is_main:
+        writer = ShardWriter(staging, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=False)
+    pending = writer.pending()
+    mine = [shard for position, shard in enumerate(pending) if position % processes.world == processes.rank]
+    if processes.is_main and len(pending) < len(writer.names):
+        logger.info("Resuming: %d of %d shards are already simulated in %s.", len(writer.names) - len(pending), len(writer.names), staging)
+    bar = progress_bar(total=len(pending), desc="Simulating responses (shards)", enabled=progress and processes.is_main)
+    for index, lo, hi in mine:
+        result = simulate_responses(built, task, documents, train_examples, config, document_indices=range(lo, hi),
+                                    step_size=step_size, gradient_method=gradient_method, eigenbasis=eigenbasis)
+        writer.write(index, result.responses)
+        bar.update(processes.world if processes.world > 1 else 1)
+    bar.close()
+    processes.barrier()
+    artifact = None
+    if processes.is_main:
+        store = writer.finish(keep_progress=True)
+        artifact = InfluenceArtifact(
+            config=config, subspace_spec=built.spec, documents=table, responses=store,
+            model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
+            base_model=base_model or base_model_of(model),
+            simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start,
+                        "processes": processes.world, "inputs_sha256": inputs_sha256},
+        )
+        if config.readout_basis_rank_for(len(table)) > 0:
+            attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
+        artifact.save_pretrained(output_dir)
+    processes.barrier()
+    return artifact
 
 
 def heldout_queries(train_examples: Sequence[Any], seed: int, count: int = 32) -> list:
@@ -174,15 +199,14 @@ def attach_readout_basis(artifact: InfluenceArtifact, subspace: AttributionSubsp
                 figures["readout_basis_rank"], figures["readout_basis_spearman"], figures["readout_basis_heldout_queries"])
 
 
-def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, step_size: float) -> Optional[InfluenceArtifact]:
-    """The artifact already saved in `directory` if it is exactly the one about to be simulated."""
+def _finished_artifact(directory: Path, settings: dict, table: DocumentTable, inputs_sha256: str) -> Optional[InfluenceArtifact]:
+    """The artifact already saved in `directory` if it is exactly the one about to be simulated (same settings, same
+    documents table, and the same digest of everything the rows depend on)."""
     if not (directory / CONFIG_NAME).is_file():
         return None
     try:
         artifact = InfluenceArtifact.from_pretrained(directory)
     except ArtifactError:
         return None
-    same = artifact.settings() == settings and artifact.documents.document_ids == table.document_ids and artifact.step_size == step_size
+    same = artifact.settings() == settings and artifact.documents == table and artifact.simulation.get("inputs_sha256") == inputs_sha256
     return artifact if same else None
-
-

@@ -14,8 +14,16 @@ from ..estimator.config import AttributionConfig
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec, find_peft_adapters
 from ..estimator.task import AttributionTask, CausalLMTask
 from ..storage.artifact import InfluenceArtifact
+from ..storage.table import DocumentTable
 from .build import build_influence_artifact
-from .data import check_documents_dataset, documents_from_dataset, examples_from_dataset, rows_as_trained
+from .data import (
+    check_document_tokens,
+    check_documents_dataset,
+    documents_from_dataset,
+    examples_from_dataset,
+    rows_as_trained,
+    vocabulary_size,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -24,8 +32,9 @@ class ForwardAttributionCallback(TrainerCallback):
     """Writes an `InfluenceArtifact` to ``<output_dir>/influence/`` when training ends.
 
     The documents are checked when the callback is made and again when training *begins*, so a
-    missing column, an empty or duplicated document or a model without parameters in the subspace
-    stops the run before any training is spent. At the end, the trained model as the trainer holds it
+    missing column, an empty, duplicated or unnamed document, token ids outside the model's vocabulary,
+    labels that are neither a token nor -100, metadata that is not JSON or a model without parameters in
+    the subspace stops the run before any training is spent. At the end, the trained model as the trainer holds it
     is used: a PEFT model's adapter is the subspace; a fully fine-tuned model gets a projection adapter
     (`projection_rank`, `target_modules`) for the duration of the simulation only.
 
@@ -136,8 +145,11 @@ class ForwardAttributionCallback(TrainerCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
         self._train_start = time.perf_counter()
-        prepared, _, task = self._inputs(model, processing_class, train_dataloader)
+        prepared, examples, task = self._inputs(model, processing_class, train_dataloader)
         prepared.documents.validate(task)
+        # token ids the model cannot embed, labels that are no token, ids and metadata the artifact cannot store
+        check_document_tokens(prepared.documents, examples, vocabulary_size(model), check_labels=isinstance(task, CausalLMTask))
+        DocumentTable.from_document_set(prepared.documents, prepared.n_tokens, prepared.metadata)
         spec, arguments = self._subspace_request(model)
         with AttributionSubspace.build(model, spec, **arguments) as subspace:  # fails now if the subspace is empty
             kind, dim = subspace.spec.kind.value, subspace.dim

@@ -22,6 +22,15 @@ _EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask")
 logger = logging.getLogger(__name__)
 
 
+def without_padding(row: dict) -> dict:
+    """`row` with the positions its ``attention_mask`` marks 0 (padding) removed from every token column."""
+    mask = row.get("attention_mask")
+    if mask is None:
+        return row
+    keep = [i for i, m in enumerate(mask) if m]
+    return {k: ([v[i] for i in keep] if k in _EXAMPLE_KEYS and v is not None else v) for k, v in row.items() if k != "attention_mask"}
+
+
 def _column_names(dataset: Any) -> list[str]:
     names = getattr(dataset, "column_names", None)
     if names is None and len(dataset):
@@ -88,6 +97,9 @@ def documents_from_dataset(
     for index, row in enumerate(rows):
         if "input_ids" not in row or row["input_ids"] is None:
             row["input_ids"] = tokenizer(row[text_column])["input_ids"]
+            row.pop("attention_mask", None)
+            row.pop("labels", None)
+        row = without_padding(row)  # padding is not part of the document (the training-example path drops it too)
         if len(row["input_ids"]) < 2:
             raise EmptyDocumentsError(f"Document {ids[index]!r} has {len(row['input_ids'])} token(s); a causal LM needs at least 2 to score one.")
         n_tokens.append(len(row["input_ids"]))
@@ -127,7 +139,11 @@ def check_documents_dataset(
                 f"The documents dataset has no 'input_ids' column (columns: {columns}); tokenise it first, "
                 "or pass text_column=... with a tokenizer."
             )
-    ids = [str(value) for value in (dataset[document_column] if hasattr(dataset, "column_names") else (row[document_column] for row in dataset))]
+    raw_ids = list(dataset[document_column] if hasattr(dataset, "column_names") else (row[document_column] for row in dataset))
+    missing = [row for row, value in enumerate(raw_ids) if value is None]
+    if missing:
+        raise DocumentsError(f"The document id column {document_column!r} is empty (None) in rows {missing[:5]}; give every document an id.")
+    ids = [str(value) for value in raw_ids]
     duplicates = sorted(d for d, count in Counter(ids).items() if count > 1)
     if duplicates:
         raise DuplicateDocumentError(
@@ -146,9 +162,7 @@ def examples_from_dataset(dataset: Any, max_length: Optional[int] = None) -> lis
         raise DocumentsError(f"The training data has no 'input_ids' column (columns: {columns}); tokenise it first.")
     examples = []
     for row in _rows(dataset, [c for c in _EXAMPLE_KEYS if c in columns]):
-        if row.get("attention_mask") is not None:
-            keep = [i for i, m in enumerate(row["attention_mask"]) if m]
-            row = {k: [row[k][i] for i in keep] for k in row if row[k] is not None}
+        row = without_padding(row)
         if len(row["input_ids"]) >= 2:
             examples.extend(split_into_chunks(row, max_length))
     return examples
@@ -178,3 +192,54 @@ def rows_as_trained(dataset: Any, collate_fn: Any, keep_columns: Sequence[str] =
         collated.update({column: row.get(column) for column in keep_columns if column in row})
         rows.append(collated)
     return rows
+
+
+def vocabulary_size(model: Any) -> Optional[int]:
+    """Number of token ids `model` can embed (its input embedding rows), or None when it has no token embedding."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        layer = embeddings() if embeddings is not None else None
+    except (NotImplementedError, AttributeError):
+        layer = None
+    rows = getattr(layer, "num_embeddings", None)
+    return int(rows) if rows is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(examples: Sequence[Any], vocab_size: Optional[int], names: Optional[Sequence[str]] = None,
+                    check_labels: bool = True) -> None:
+    """Refuse token ids outside [0, vocab_size) and labels that are neither -100 nor a token id, before any work.
+
+    Such ids crash an embedding lookup deep inside training or the simulation (or, on some devices, read other rows
+    silently). `names` says what each example is (e.g. "document 'd3'") for the error; examples that are not dicts
+    with ``input_ids`` are skipped.
+    """
+    if vocab_size is None:
+        return
+    for position, example in enumerate(examples):
+        if not isinstance(example, dict) or example.get("input_ids") is None:
+            continue
+        name = names[position] if names is not None else f"example {position}"
+        ids = torch.as_tensor(example["input_ids"]).reshape(-1)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            bad = ids[(ids < 0) | (ids >= vocab_size)][:5].tolist()
+            raise DocumentsError(
+                f"The {name} has token ids {bad} outside the model's vocabulary [0, {vocab_size}). Tokenise with the model's "
+                "own tokenizer, or resize the model's embeddings (model.resize_token_embeddings) before training."
+            )
+        labels = example.get("labels")
+        if check_labels and labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1)
+            wrong = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+            if bool(wrong.any()):
+                raise DocumentsError(
+                    f"The {name} has labels {labels[wrong][:5].tolist()}: a label must be a token id in [0, {vocab_size}) or "
+                    f"{IGNORE_INDEX} (not scored). Mask ignored positions with {IGNORE_INDEX}."
+                )
+
+
+def check_document_tokens(documents: DocumentSet, train_examples: Sequence[Any], vocab_size: Optional[int], check_labels: bool = True) -> None:
+    """`check_token_ids` over every chunk of `documents` and every training example, naming the offender."""
+    names = [f"document {documents.document_ids[owner]!r}" for owner in documents.example_document]
+    check_token_ids(documents.examples, vocab_size, names, check_labels)
+    check_token_ids(train_examples, vocab_size, [f"training example {i}" for i in range(len(train_examples))], check_labels)
+

@@ -5,16 +5,20 @@ Registered as the transformers task ``"attributed-text-generation"`` when `hf_fw
     import hf_fwdattr
     from transformers import pipeline
     pipe = pipeline("attributed-text-generation", model="out/model", influence="out/influence")
-    pipe("The capital of Zorbia is", max_new_tokens=8, top_k=5, aggregate="source")
+    pipe("The capital of Zorbia is", max_new_tokens=8, attribution_top_k=5, aggregate="source")
 
-Generation is the parent `TextGenerationPipeline`'s, untouched; the attribution of each answer is read
-out afterwards with forward passes only. f_q is the log-likelihood of the generated continuation given
-the prompt; one readout gives every token's score and their sum (``per_token=True`` costs no more passes).
-The one-sided and removal readouts take f_q(θ*) from generation's own logits.
+Generation is the parent `TextGenerationPipeline`'s, untouched (``top_k`` and every other generation argument
+reach it); the attribution of each answer is read out afterwards with forward passes only. f_q is the
+log-likelihood of the generated continuation given the prompt; one readout gives every token's score and their
+sum (``per_token=True`` costs no more passes). The one-sided and removal readouts take f_q(θ*) from generation's
+own logits. f_q is taken under the very token ids the model generated from: the prompt is tokenised once, as
+text-generation does, and attribution reuses those ids. One exception keeps a prompt's tokens what the model was
+trained on: a prompt that starts with the tokenizer's BOS text is not given a second BOS by the tokenizer.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -47,7 +51,8 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
 
     Accepts everything `TextGenerationPipeline` accepts (generation kwargs, chat messages, batches) plus:
 
-    - ``top_k`` (int, default 10): how many documents/sources to return, sorted by score;
+    - ``attribution_top_k`` (int, default 10): how many documents/sources to return, sorted by score (``top_k`` is
+      text-generation's sampling argument and goes to generation);
     - ``aggregate`` (``"document"`` or ``"source"``): rank documents, or sources (exact, one direction per source);
     - ``per_token`` (bool): also attribute each generated token separately;
     - ``response`` (str): score this given response to the prompt instead of generating (auditing).
@@ -91,17 +96,23 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
             self.model = wrapper
 
     # ------------------------------------------------------------------ the four-method contract
-    def _sanitize_parameters(self, top_k=None, aggregate=None, per_token=None, response=None, **kwargs):
+    def _sanitize_parameters(self, attribution_top_k=None, aggregate=None, per_token=None, response=None, **kwargs):
+        if "top_k" in kwargs and attribution_top_k is None:
+            warnings.warn(
+                "`top_k` is text-generation's sampling argument and goes to generation, as in the 'text-generation' pipeline; "
+                "the number of attributions returned is `attribution_top_k` (default 10).", FutureWarning, stacklevel=3,
+            )
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        top_k = attribution_top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-            raise AttributionRequestError(f"`top_k` must be a positive integer, got {top_k!r}.")
+            raise AttributionRequestError(f"`attribution_top_k` must be a positive integer, got {top_k!r}.")
         if aggregate is not None and aggregate not in _AGGREGATES:
             raise AttributionRequestError(f"`aggregate` must be 'document' or 'source', got {aggregate!r}.")
         if aggregate == "source" and not self.influence.source_names:
             raise AttributionRequestError("aggregate='source' needs an artifact whose documents have sources; this one has none.")
         if response is not None and not isinstance(response, str):
             raise AttributionRequestError(f"`response` must be a string, got {type(response).__name__}.")
-        attribution = {"top_k": top_k or 10, "aggregate": aggregate or "document", "per_token": bool(per_token)}
+        attribution = {"attribution_top_k": top_k or 10, "aggregate": aggregate or "document", "per_token": bool(per_token)}
         forward_params = {**forward_params, "attribution": attribution, "response": response}
         postprocess_params = {**postprocess_params, "attribution": attribution}
         return preprocess_params, forward_params, postprocess_params
@@ -111,8 +122,20 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         if text is not None and not text.strip():
             raise AttributionRequestError("The prompt is empty; f_q is the likelihood of an answer *given* a prompt, so give one.")
         inputs = super().preprocess(prompt_text, **kwargs)
-        if inputs["input_ids"].shape[-1] == 0:
+        if text is not None and kwargs.get("add_special_tokens") is None and self._doubled_bos(inputs["input_ids"], (kwargs.get("prefix") or "") + text):
+            # the text brings its own BOS and the tokenizer added another: keep one, as the model saw in training
+            inputs["input_ids"] = inputs["input_ids"][:, 1:]
+            if inputs.get("attention_mask") is not None:
+                inputs["attention_mask"] = inputs["attention_mask"][:, 1:]
+        length = inputs["input_ids"].shape[-1]
+        if length == 0:
             raise AttributionRequestError("The prompt has no tokens after tokenisation; give a non-empty prompt.")
+        context = self._context_length()
+        if context is not None and length >= context:
+            raise AttributionRequestError(
+                f"The prompt has {length} tokens, and the model's context is {context}: nothing can be generated or scored after "
+                "it. Shorten the prompt."
+            )
         return inputs
 
     def _forward(self, model_inputs, attribution=None, response=None, **generate_kwargs):
@@ -142,6 +165,15 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         return records
 
     # ------------------------------------------------------------------ helpers
+    def _doubled_bos(self, input_ids: torch.Tensor, text: str) -> bool:
+        bos, bos_text = self.tokenizer.bos_token_id, self.tokenizer.bos_token
+        return (bos is not None and bool(bos_text) and text.startswith(bos_text) and input_ids.shape[-1] >= 2
+                and int(input_ids[0, 0]) == bos and int(input_ids[0, 1]) == bos)
+
+    def _context_length(self) -> Optional[int]:
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
     def attribute(self, prompt: str, response: str, **kwargs):
         """Attribute an existing answer: the records for (`prompt`, `response`), without generating."""
         return self(prompt, response=response, **kwargs)
@@ -154,6 +186,12 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         if answer.shape[-1] == 0:
             raise AttributionRequestError("The response is empty; there is nothing to attribute.")
         sequence = torch.cat([input_ids, answer], dim=1)
+        context = self._context_length()
+        if context is not None and sequence.shape[-1] > context:
+            raise AttributionRequestError(
+                f"The prompt and response have {sequence.shape[-1]} tokens together, more than the model's context of {context}; "
+                "shorten them."
+            )
         return {"generated_sequence": sequence[:, None], "input_ids": input_ids, "prompt_text": model_inputs.pop("prompt_text")}
 
     @staticmethod
@@ -189,6 +227,10 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
                 continuation = self._continuation(sequence, prompt_length)
                 if not continuation:
                     raise ReadoutError("The model generated no tokens to attribute; raise max_new_tokens.")
+                context = self._context_length()
+                if context is not None and len(prompt) + len(continuation) > context:
+                    raise ReadoutError(f"Prompt and answer have {len(prompt) + len(continuation)} tokens, more than the model's context "
+                                       f"of {context}; lower max_new_tokens or shorten the prompt.")
                 sequences.append((row, returned, prompt, continuation))
         queries = [CausalLMTask.query_example(prompt, continuation) for _, _, prompt, continuation in sequences]
         base_values = None
@@ -224,7 +266,7 @@ class AttributedTextGenerationPipeline(TextGenerationPipeline):
         return values
 
     def _ranked(self, scores: torch.Tensor, request: dict) -> list[dict]:
-        top = torch.topk(scores, min(request["top_k"], scores.numel()))
+        top = torch.topk(scores, min(request["attribution_top_k"], scores.numel()))
         positive = float(scores.clamp(min=0).sum())  # "share": a scale comparable across answers, unlike the raw score
         ranked = []
         for score, index in zip(top.values.tolist(), top.indices.tolist()):

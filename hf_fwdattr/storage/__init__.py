@@ -1,2 +1,3 @@
-"""Storage: the influence artifact on disk and on the Hub (`artifact`), its documents table (`table`) and its
-sharded, memory-mapped response rows (`shards`)."""
+"""Storage: the influence artifact on disk and on the Hub (`artifact`), its documents table (`table`), its sharded,
+streamed response rows (`shards`), the digests that make it content-addressed (`integrity`) and the save protocol
+that never leaves a mix of two artifacts (`atomic`)."""

@@ -1,18 +1,20 @@
 """`InfluenceArtifact`: the simulated responses as a Hugging Face object (DESIGN §6).
 
-    attribution_config.json              settings, subspace description, fingerprints, fidelity
+    attribution_config.json              settings, subspace description, fingerprints, fidelity, and the size and
+                                         SHA-256 of every file below (sealed: it carries the digest of its own bytes)
     documents.jsonl                      document_id, source, n_tokens, metadata (row order = tensor order)
-    responses-0000i-of-0000M.safetensors the responses u_b, sharded   (+ responses.safetensors.index.json)
+    responses-0000i-of-0000M.safetensors the responses u_b, sharded   (+ responses.safetensors.index.json, which
+                                         records every shard's digest and the digest of all rows)
     source_responses.safetensors         the summed response of each source
-    readout_basis.safetensors            optional compressed readout basis
-    README.md                            model card rendered from model_cards/
+    readout_basis.safetensors            optional compressed readout basis (records the rows digest it was built from)
+    README.md                            model card rendered from model_cards/ (not recorded: free to edit)
 
-Safetensors and JSON only: nothing in an artifact can execute code.
+Safetensors and JSON only: nothing in an artifact can execute code. Saving builds the new artifact beside the folder
+and swaps it in (`atomic`); loading checks every digest but the shards' full ones, which `verify()` adds (`integrity`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,47 +25,77 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors
 
 from .. import __version__
-from ..errors import ArtifactError, FingerprintMismatchError, SubspaceError
+from ..errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    FingerprintMismatchError,
+    SubspaceError,
+    UnfinishedArtifactError,
+)
 from ..estimator.config import AttributionConfig, ReadoutMode
 from ..estimator.documents import DocumentSet
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
-from .permissions import give_default_mode
+from .atomic import (
+    CONFIG_NAME,
+    PROGRESS_NAME,
+    check_replaceable,
+    prepare_staging,
+    recover,
+    recover_for_reading,
+    save_lock,
+    swap_into_place,
+)
+from .integrity import (
+    FileRecord,
+    Folder,
+    content_digest,
+    parse_json_object,
+    plain_name,
+    safetensors_header,
+    seal_json,
+    sealed_digest,
+)
 from .shards import (
+    INDEX_NAME,
     ComposedResponses,
     InMemoryResponses,
     ShardedResponses,
     ShardWriter,
+    save_tensors_atomic,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from .table import DOCUMENTS_NAME, DocumentTable, sum_by_source
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "attribution_config.json"
 SOURCES_NAME = "source_responses.safetensors"
 BASIS_NAME = "readout_basis.safetensors"
 CARD_NAME = "README.md"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed config with a digest of every file; 1: header digests of the shards only
+SEAL_KEY = "config_sha256"
 _KNOWN_KEYS = {
     "format_version", "library_version", "estimator", "subspace", "fingerprints", "base_model", "num_documents",
-    "dim", "dtype", "simulation", "fidelity", "sources",
+    "dim", "dtype", "simulation", "fidelity", "sources", "files", SEAL_KEY,
 }
+_DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def summed_responses(table: DocumentTable, store, source_names: Sequence[str], chunk_rows: int = 4096) -> torch.Tensor:
-    """[len(source_names), dim]: each source's summed response, streamed over the rows of `store` (float64 sums)."""
+def summed_responses(table: DocumentTable, store, source_names: Sequence[str], chunk_rows: int = 4096, absolute: bool = False) -> torch.Tensor:
+    """[len(source_names), dim]: each source's summed response, streamed over the rows of `store` (float64 sums);
+    with `absolute`, the float64 sums of absolute values (the scale a rounding error of the sums is measured against)."""
     positions = table.source_positions(source_names)
     sums = torch.zeros(len(source_names), store.dim, dtype=torch.float64)
     if len(source_names):
         row = 0
         for block in store.iter_chunks(chunk_rows):
-            sums += sum_by_source(block.to(torch.float64), positions[row : row + len(block)], len(source_names))
+            block = block.to(torch.float64)
+            sums += sum_by_source(block.abs() if absolute else block, positions[row : row + len(block)], len(source_names))
             row += len(block)
-    return sums.to(store.dtype)
+    return sums if absolute else sums.to(store.dtype)
 
 
 def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, model_fingerprint: str, subspace_fingerprint: str) -> dict:
@@ -75,9 +107,12 @@ def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, mo
     }
 
 
-def shard_identity(settings: dict, document_ids: Sequence[str]) -> dict:
-    """What determines the response rows; a save resumes only into shards of the same identity."""
-    return {**settings, "documents_sha256": hashlib.sha256("\n".join(document_ids).encode()).hexdigest()}
+def shard_identity(settings: dict, document_ids: Sequence[str], token_digests: Sequence[str]) -> dict:
+    """What determines the response rows: the settings and every document's id and token digest (`document_digests`),
+    hashed without separators that could collide. A save resumes only into shards of the same identity."""
+    if len(token_digests) != len(document_ids):
+        raise ArtifactError(f"{len(token_digests)} token digests for {len(document_ids)} documents.")
+    return {**settings, "documents_sha256": content_digest([[d, t] for d, t in zip(document_ids, token_digests)])}
 
 
 def refuse_foreign_artifact(directory: Path, settings: dict) -> None:
@@ -85,7 +120,12 @@ def refuse_foreign_artifact(directory: Path, settings: dict) -> None:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         return
-    there = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        there = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(there, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{directory} holds an influence artifact whose {CONFIG_NAME} cannot be read ({err}); pass overwrite=True to replace it.") from err
     different = [k for k in settings if there.get(k) != settings[k]]
     if different:
         raise ArtifactError(
@@ -122,6 +162,7 @@ class InfluenceArtifact:
         readout_basis: Optional[dict[str, torch.Tensor]] = None,
         library_version: str = __version__,
         path: Optional[Path] = None,
+        readout_basis_rows_sha256: Optional[str] = None,
     ):
         self.config = config
         self.subspace_spec = subspace_spec
@@ -140,7 +181,13 @@ class InfluenceArtifact:
         elif source_responses is None:
             source_responses = summed_responses(documents, self._store, self.source_names)
         self.source_responses = source_responses
-        self.readout_basis = readout_basis
+        self.readout_basis = None
+        self.readout_basis_rows_sha256: Optional[str] = None  # digest of the rows the basis was built from
+        if readout_basis is not None:
+            self._check_basis_shapes(readout_basis)
+            self.readout_basis = dict(readout_basis)
+            legacy = isinstance(self._store, ShardedResponses) and not self._store.digested  # format 1: provenance unknown
+            self.readout_basis_rows_sha256 = readout_basis_rows_sha256 or (None if legacy else self._store.rows_sha256())
         self.library_version = library_version
         self.path = path
 
@@ -191,14 +238,23 @@ class InfluenceArtifact:
         of that sum (one direction per source); the removal readout is nonlinear, so there it sums document scores."""
         return self.config.readout is not ReadoutMode.REMOVAL
 
-    def set_readout_basis(self, basis: dict[str, torch.Tensor], fidelity: dict[str, Any]) -> None:
-        """Attach a compressed readout basis ({"directions": [k, p], "coefficients": [N, k], ...}) and its fidelity figures."""
-        if basis["directions"].shape[1] != self.dim or basis["coefficients"].shape[0] != self.num_documents:
+    def _check_basis_shapes(self, basis: dict[str, torch.Tensor]) -> None:
+        directions, coefficients = basis.get("directions"), basis.get("coefficients")
+        if not isinstance(directions, torch.Tensor) or not isinstance(coefficients, torch.Tensor) or directions.dim() != 2 \
+                or coefficients.dim() != 2 or directions.shape[1] != self.dim or coefficients.shape[0] != self.num_documents \
+                or coefficients.shape[1] != directions.shape[0]:
+            shapes = {k: tuple(v.shape) for k, v in basis.items() if isinstance(v, torch.Tensor)}
             raise ArtifactError(
-                f"A readout basis for this artifact needs directions [k, {self.dim}] and coefficients [{self.num_documents}, k]; "
-                f"got {tuple(basis['directions'].shape)} and {tuple(basis['coefficients'].shape)}."
+                f"A readout basis for this artifact needs directions [k, {self.dim}] and coefficients [{self.num_documents}, k]; got {shapes}. "
+                "It was built for other responses: rebuild it (`build_readout_basis`)."
             )
+
+    def set_readout_basis(self, basis: dict[str, torch.Tensor], fidelity: dict[str, Any]) -> None:
+        """Attach a compressed readout basis ({"directions": [k, p], "coefficients": [N, k], ...}) built from this
+        artifact's responses, and its fidelity figures. The digest of the rows it was built from is recorded with it."""
+        self._check_basis_shapes(basis)
         self.readout_basis = dict(basis)
+        self.readout_basis_rows_sha256 = self._store.rows_sha256()
         self.fidelity.update(fidelity)
 
     @property
@@ -214,10 +270,39 @@ class InfluenceArtifact:
         """Responses as a tensor: all of them (small artifacts) or the given rows."""
         return self._store.to_tensor() if rows is None else self._store.rows(rows)
 
-    def verify(self) -> None:
-        """Read every response once (the cheap header checks already ran at load)."""
+    def verify(self, chunk_rows: int = 4096) -> None:
+        """Check everything, reading every response once (loading already checked the cheap parts: the sealed config,
+        the documents table, the source sums, the readout basis, the shards' sizes and headers).
+
+        Every shard's bytes against its SHA-256, the rows against the digest the readout basis records as its origin,
+        every value finite, and each source's summed response against the sum of its documents' responses.
+        Raises `ArtifactIntegrityError` naming the file that does not match.
+        """
         if isinstance(self._store, ShardedResponses):
-            self._store.verify_data()
+            self._store.verify_data(chunk_rows)
+        else:
+            for block in self._store.iter_chunks(chunk_rows):
+                if not torch.isfinite(block).all():
+                    raise ArtifactIntegrityError("The artifact's responses contain non-finite values.")
+        if self.readout_basis is not None and self.readout_basis_rows_sha256 not in (None, self._store.rows_sha256()):
+            raise ArtifactIntegrityError(f"{BASIS_NAME} was built from other responses than this artifact's.")
+        if self.source_responses is not None and self.source_names:
+            exact = summed_responses(self.documents, self._store, self.source_names, chunk_rows).to(torch.float64)
+            scale = summed_responses(self.documents, self._store, self.source_names, chunk_rows, absolute=True)
+            tolerance = 4 * torch.finfo(self._store.dtype).eps * scale + torch.finfo(torch.float64).tiny
+            error = (self.source_responses.to(torch.float64) - exact).abs()
+            if not bool((error <= tolerance).all()):
+                row = int((error - tolerance).amax(dim=1).argmax())
+                raise ArtifactIntegrityError(
+                    f"{SOURCES_NAME}: the summed response of source {self.source_names[row]!r} is not the sum of its documents' responses."
+                )
+
+    def close(self) -> None:
+        """Close the files a loaded artifact keeps open (reading responses then fails)."""
+        stores = [self._store] + [store for store, _ in getattr(self._store, "parts", [])]
+        for store in stores:
+            if hasattr(store, "close"):
+                store.close()
 
     # ------------------------------------------------------------------ model binding
     def check_subspace(self, subspace: AttributionSubspace) -> None:
@@ -263,6 +348,13 @@ class InfluenceArtifact:
         added = InMemoryResponses(responses)
         if added.dim != self.dim or added.num_rows != len(table):
             raise ArtifactError(f"New responses must have shape [{len(table)}, {self.dim}], got {tuple(responses.shape)}.")
+        finite = torch.isfinite(added.tensor).all(dim=1)
+        if not bool(finite.all()):
+            bad = [table.document_ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise ArtifactError(
+                f"The responses of documents {bad[:5]} ({len(bad)} in all) contain NaN or infinite values; they would be ranked "
+                "arbitrarily. Simulate them again (a non-finite loss, or a diverging simulation, makes them)."
+            )
         combined_table = self.documents.concat(table)
         names = self.source_names + [name for name in table.source_names() if name not in self.source_names]
         sums = None
@@ -274,6 +366,11 @@ class InfluenceArtifact:
 
     def remove_documents(self, document_ids: Sequence[str]) -> "InfluenceArtifact":
         """A new artifact without the given documents; the rest are kept as stored (source sums recomputed exactly)."""
+        if isinstance(document_ids, (str, bytes)):
+            raise ArtifactError(
+                f"`document_ids` must be a list of ids, got the string {document_ids!r}, which would be read as its characters; "
+                f"pass [{document_ids!r}]."
+            )
         drop = set(map(str, document_ids))
         unknown = sorted(drop - set(self.documents.document_ids))
         if unknown:
@@ -295,7 +392,7 @@ class InfluenceArtifact:
         )
 
     # ------------------------------------------------------------------ saving
-    def _metadata(self) -> dict:
+    def _metadata(self, files: dict[str, FileRecord]) -> dict:
         return {
             "format_version": FORMAT_VERSION,
             "library_version": self.library_version,
@@ -307,6 +404,7 @@ class InfluenceArtifact:
             "simulation": self.simulation,
             "fidelity": self.fidelity,
             "sources": self.source_names,
+            "files": {name: record.to_dict() for name, record in sorted(files.items())},
         }
 
     def settings(self) -> dict:
@@ -314,47 +412,75 @@ class InfluenceArtifact:
         return artifact_settings(self.config, self.subspace_spec, self.model_fingerprint, self.subspace_fingerprint)
 
     def save_pretrained(self, save_directory: Union[str, Path], max_shard_size: Union[int, str] = "1GB", overwrite: bool = False) -> Path:
-        """Write the artifact to `save_directory`.
+        """Write the artifact to `save_directory`, replacing what is there only once the new artifact is complete.
 
-        Shards are written atomically (temporary file, then rename) and an interrupted save resumes
-        from its finished shards when called again. A folder holding an artifact made with other
-        settings is refused unless `overwrite=True`.
+        The new artifact is written into a sibling folder (``.<name>.fwdattr-staging``, shard by shard, each shard
+        through a temporary file and a rename) and then swapped in by renames; until the swap the folder keeps its
+        previous artifact, and an interrupted swap is completed (or undone) by the next save or load. An interrupted
+        save resumes from its finished shards when called again. One process saves to a folder at a time (a second
+        one gets `ArtifactBusyError`). A folder holding an artifact made with other settings is refused unless
+        `overwrite=True`; a folder holding anything that is not part of an artifact is always refused.
         """
-        directory = Path(save_directory)
-        if not overwrite:
-            refuse_foreign_artifact(directory, self.settings())
-        if isinstance(self._store, ShardedResponses) and self._store.directory.resolve() == directory.resolve():
-            pass  # shards already in place (e.g. written during the simulation)
-        elif directory.resolve() in self._store.directories():
-            # rewriting a folder the responses are read from: build it aside, then swap it in
-            with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}-") as tmp:
-                self.save_pretrained(Path(tmp) / "artifact", max_shard_size, overwrite=True)
-                backup = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(directory, backup)
-                os.replace(Path(tmp) / "artifact", directory)
-                shutil.rmtree(backup, ignore_errors=True)
-            self._store, self.path = ShardedResponses.open(directory), directory  # the old files are gone
-            return directory
-        else:
-            identity = shard_identity(self.settings(), self.documents.document_ids)
-            writer = ShardWriter(directory, identity, self.num_documents, self.dim, self._store.dtype, max_shard_size)
-            for index, lo, hi in writer.pending():
-                writer.write(index, self._store.rows(list(range(lo, hi))))
-            writer.finish()
+        target = Path(os.path.abspath(save_directory))
+        with save_lock(target):
+            recover(target)
+            if not overwrite:
+                refuse_foreign_artifact(target, self.settings())
+            check_replaceable(target)
+            staging = prepare_staging(target)
+            store = self._write_rows(staging, target, max_shard_size)
+            self._write_metadata(staging, store)
+            (staging / PROGRESS_NAME).unlink(missing_ok=True)
+            swap_into_place(staging, target)
+        store.directory = target
+        if self._store is store or isinstance(self._store, ShardedResponses):
+            self._store = store
+        self.path = target
+        return target
+
+    def _write_rows(self, staging: Path, target: Path, max_shard_size: Union[int, str]):
+        """The response rows in `staging` (shards and index, the folder marked unfinished); returns their store."""
+        store = self._store
+        if isinstance(store, ShardedResponses) and os.path.abspath(store.directory) == str(staging):
+            return store  # written there by the simulation (`build_influence_artifact`)
+        if isinstance(store, ShardedResponses) and store.digested and os.path.abspath(store.directory) == str(target):
+            # saving over the folder the rows are read from (e.g. new metadata): keep the very same shard files
+            shutil.rmtree(staging)
+            staging.mkdir()
+            write_json_atomic(staging / PROGRESS_NAME, {"plan": "same shards"})
+            for shard, file in zip(store.shards, store.files):
+                _link_or_copy(file, target / shard.filename, staging / shard.filename)
+            write_json_atomic(staging / INDEX_NAME, store.index())
+            return store
+        identity = {**self.settings(), "documents_table_sha256": self.documents.sha256(), "rows_sha256": store.rows_sha256()}
+        writer = ShardWriter(staging, identity, self.num_documents, self.dim, store.dtype, max_shard_size, replace_foreign=True)
+        for index, lo, hi in writer.pending():
+            writer.write(index, store.rows(list(range(lo, hi))))
+        return writer.finish(keep_progress=True)
+
+    def _write_metadata(self, staging: Path, store) -> None:
+        """Source sums, readout basis, documents table, model card and, last, the sealed config recording them all."""
+        files = {INDEX_NAME: FileRecord.of_path(staging / INDEX_NAME)}
         if self.source_responses is not None and self.source_names:
-            save_file({"responses": self.source_responses.contiguous()}, str(directory / (SOURCES_NAME + ".tmp")), metadata={"format": "pt"})
-            give_default_mode(directory / (SOURCES_NAME + ".tmp"))
-            os.replace(directory / (SOURCES_NAME + ".tmp"), directory / SOURCES_NAME)
+            save_tensors_atomic(staging / SOURCES_NAME, {"responses": self.source_responses})
+            files[SOURCES_NAME] = FileRecord.of_path(staging / SOURCES_NAME)
         if self.readout_basis is not None:
-            save_file({k: v.contiguous() for k, v in self.readout_basis.items()}, str(directory / (BASIS_NAME + ".tmp")), metadata={"format": "pt"})
-            give_default_mode(directory / (BASIS_NAME + ".tmp"))
-            os.replace(directory / (BASIS_NAME + ".tmp"), directory / BASIS_NAME)
-        (directory / (DOCUMENTS_NAME + ".tmp")).write_text(self.documents.to_jsonl(), encoding="utf-8")
-        os.replace(directory / (DOCUMENTS_NAME + ".tmp"), directory / DOCUMENTS_NAME)
-        write_json_atomic(directory / CONFIG_NAME, self._metadata())
-        (directory / CARD_NAME).write_text(str(self.model_card()), encoding="utf-8")
-        return directory
+            if self.readout_basis_rows_sha256 is None:  # loaded from format 1, which did not record it
+                self.readout_basis_rows_sha256 = store.rows_sha256()
+            if self.readout_basis_rows_sha256 != store.rows_sha256():
+                raise ArtifactError("The readout basis was built from other responses than the ones being saved; rebuild it before saving.")
+            save_tensors_atomic(staging / BASIS_NAME, self.readout_basis,
+                                metadata={"responses_sha256": self.readout_basis_rows_sha256, "num_documents": str(self.num_documents)})
+            files[BASIS_NAME] = FileRecord.of_path(staging / BASIS_NAME)
+        table = self.documents.to_jsonl().encode("utf-8")
+        write_bytes_atomic(staging / DOCUMENTS_NAME, table)
+        files[DOCUMENTS_NAME] = FileRecord.of_bytes(table)
+        write_bytes_atomic(staging / CARD_NAME, str(self.model_card()).encode("utf-8"))
+        keep = set(files) | {CARD_NAME, PROGRESS_NAME, *(shard.filename for shard in store.shards)}
+        for entry in staging.iterdir():  # whatever an earlier, abandoned attempt left
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        write_bytes_atomic(staging / CONFIG_NAME, seal_json(self._metadata(files), SEAL_KEY).encode("utf-8"))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -365,12 +491,20 @@ class InfluenceArtifact:
         cache_dir: Optional[Union[str, Path]] = None,
         token: Optional[str] = None,
         local_files_only: bool = False,
+        verify: bool = False,
     ) -> "InfluenceArtifact":
         """Load an artifact from a folder, or from a Hub repository (through huggingface_hub's cache).
 
-        The shards are memory-mapped, not read; their sizes and headers are checked against the index.
+        Loading checks what is cheap and refuses any mismatch with an `ArtifactError` naming the file: the config's
+        own digest and format version, the size and SHA-256 of the documents table, the shard index, the source sums
+        and the readout basis (and that the basis was built from these responses), and each shard's name, size and
+        header. The shards are opened, not read, and kept open; `verify=True` (or `verify()` later) also hashes every
+        shard. A folder holding an unfinished save is refused; one whose save was interrupted during its final swap
+        is recovered first.
         """
         directory = Path(path_or_repo_id)
+        if not directory.is_dir():
+            recover_for_reading(directory)
         if not directory.is_dir():
             from huggingface_hub import snapshot_download
 
@@ -378,61 +512,88 @@ class InfluenceArtifact:
                 str(path_or_repo_id), revision=revision, cache_dir=cache_dir, token=token,
                 local_files_only=local_files_only, repo_type="model",
             ))
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            partial = (directory / ".fwdattr-save-progress.json").is_file()
-            raise ArtifactError(
-                f"{directory} has no {CONFIG_NAME}: "
-                + ("its save was interrupted; save again to the same folder to resume it." if partial else "it is not an influence artifact.")
+        for attempt in range(3):
+            with Folder(directory) as folder:
+                try:
+                    artifact = cls._load(folder, directory)
+                    break
+                except ArtifactError:
+                    if attempt == 2 or not folder.replaced():
+                        raise
+                    logger.info("%s was replaced by a save while it was being loaded; loading it again.", directory)
+        if verify:
+            artifact.verify()
+        return artifact
+
+    @classmethod
+    def _load(cls, folder: Folder, directory: Path) -> "InfluenceArtifact":
+        if folder.exists(PROGRESS_NAME):
+            raise UnfinishedArtifactError(
+                f"{directory} holds an unfinished save ({PROGRESS_NAME} is there): its files may belong to two different "
+                "artifacts. Save again to the same folder to finish it."
             )
+        if not folder.exists(CONFIG_NAME):
+            raise ArtifactError(f"{directory} has no {CONFIG_NAME}: it is not an influence artifact.")
+        meta, files = _read_config(folder.read(CONFIG_NAME), directory)
+        legacy = files is None
+
+        def payload(name: str, required: bool = True) -> Optional[bytes]:
+            if not legacy and name in files:
+                return folder.read(name, files[name], CONFIG_NAME)
+            if legacy and folder.exists(name):
+                return folder.read(name)
+            if required:
+                raise ArtifactIntegrityError(f"{directory / name} is missing (or not recorded in {CONFIG_NAME}); the artifact is incomplete.")
+            return None
+
+        documents = DocumentTable.from_jsonl(payload(DOCUMENTS_NAME).decode("utf-8"))
+        store = ShardedResponses.open(directory, payload(INDEX_NAME), folder, require_digests=not legacy)
         try:
-            meta = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise ArtifactError(f"{config_path} is not valid JSON ({err}).") from err
-        unknown = sorted(set(meta) - _KNOWN_KEYS)
-        if unknown or int(meta.get("format_version", 1)) > FORMAT_VERSION:
-            logger.warning(
-                "This artifact was written by hf_fwdattr %s (format %s); ignoring unknown keys %s.",
-                meta.get("library_version"), meta.get("format_version"), unknown,
-            )
-        documents_path = directory / DOCUMENTS_NAME
-        if not documents_path.is_file():
-            raise ArtifactError(f"{directory} has no {DOCUMENTS_NAME}; the artifact is incomplete.")
-        documents = DocumentTable.from_jsonl(documents_path.read_text(encoding="utf-8"))
-        store = ShardedResponses.open(directory)
-        try:
-            config = AttributionConfig.from_dict(meta["estimator"])
-        except KeyError as err:
-            raise ArtifactError(f"{config_path} lacks the entry {err}; the artifact is incomplete.") from err
+            config = AttributionConfig.from_dict(_entry(meta, "estimator", dict))
+            spec = SubspaceSpec.from_dict(_entry(meta, "subspace", dict))
+            fingerprints = _entry(meta, "fingerprints", dict)
+            model_fingerprint, subspace_fingerprint = str(fingerprints["model"]), str(fingerprints["subspace"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, ArtifactError):
+                raise
+            raise ArtifactError(f"{directory / CONFIG_NAME} holds an invalid estimator, subspace or fingerprints entry ({err!r}).") from err
+        expected = {"num_documents": len(documents), "dim": store.dim, "dtype": str(store.dtype).replace("torch.", "")}
+        for key, value in expected.items():
+            if key in meta and meta[key] != value:
+                raise ArtifactIntegrityError(f"{CONFIG_NAME} records {key} = {meta[key]!r}, but the stored files hold {value!r}.")
+        if store.num_rows != len(documents):
+            raise ArtifactIntegrityError(f"{DOCUMENTS_NAME} lists {len(documents)} documents for {store.num_rows} response rows.")
         source_names = meta.get("sources") or []
+        if not isinstance(source_names, list) or not all(isinstance(n, str) for n in source_names):
+            raise ArtifactError(f"{directory / CONFIG_NAME}: `sources` must be a list of source names, got {source_names!r}.")
         source_responses = None
         if source_names and config.readout is not ReadoutMode.REMOVAL:
-            source_responses = _load_tensor(directory / SOURCES_NAME, "responses")
-            if tuple(source_responses.shape) != (len(source_names), store.dim):
-                raise ArtifactError(f"{SOURCES_NAME} has shape {tuple(source_responses.shape)}, expected [{len(source_names)}, {store.dim}].")
-        basis = None
-        if (directory / BASIS_NAME).is_file():
-            with safe_open(str(directory / BASIS_NAME), framework="pt") as handle:
-                basis = {k: handle.get_tensor(k) for k in handle.keys()}
+            source_responses = _tensors(payload(SOURCES_NAME), SOURCES_NAME)[1].get("responses")
+            if source_responses is None or tuple(source_responses.shape) != (len(source_names), store.dim):
+                shape = None if source_responses is None else tuple(source_responses.shape)
+                raise ArtifactIntegrityError(f"{SOURCES_NAME} has shape {shape}, expected [{len(source_names)}, {store.dim}].")
+        basis, basis_rows = None, None
+        raw_basis = payload(BASIS_NAME, required=False)
+        if raw_basis is not None:
+            basis_metadata, basis = _tensors(raw_basis, BASIS_NAME)
+            basis_rows = basis_metadata.get("responses_sha256")
+            if not legacy and basis_rows != store.rows_sha256():
+                raise ArtifactIntegrityError(
+                    f"{BASIS_NAME} was built from other responses than this artifact's (it records {str(basis_rows)[:16]}…, the "
+                    f"shards hold {store.rows_sha256()[:16]}…); it would score through other documents. Rebuild it."
+                )
         try:
             return cls(
-                config=config,
-                subspace_spec=SubspaceSpec.from_dict(meta["subspace"]),
-                documents=documents,
-                responses=store,
-                model_fingerprint=meta["fingerprints"]["model"],
-                subspace_fingerprint=meta["fingerprints"]["subspace"],
-                base_model=meta.get("base_model"),
-                simulation=meta.get("simulation"),
-                fidelity=meta.get("fidelity"),
-                source_names=source_names,
-                source_responses=source_responses,
-                readout_basis=basis,
-                library_version=meta.get("library_version", "unknown"),
-                path=directory,
+                config=config, subspace_spec=spec, documents=documents, responses=store,
+                model_fingerprint=model_fingerprint, subspace_fingerprint=subspace_fingerprint,
+                base_model=meta.get("base_model"), simulation=meta.get("simulation"), fidelity=meta.get("fidelity"),
+                source_names=source_names, source_responses=source_responses, readout_basis=basis,
+                library_version=str(meta.get("library_version", "unknown")), path=directory, readout_basis_rows_sha256=basis_rows,
             )
-        except KeyError as err:
-            raise ArtifactError(f"{config_path} lacks the entry {err}; the artifact is incomplete.") from err
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ArtifactError):
+                raise
+            raise ArtifactError(f"{directory / CONFIG_NAME} holds entries of the wrong type ({err!r}).") from err
 
     # ------------------------------------------------------------------ the Hub
     def model_card(self, repo_id: Optional[str] = None):
@@ -503,14 +664,78 @@ class InfluenceArtifact:
                 f"subspace={self.subspace_spec.kind.value!r}, solver={self.config.solver.value!r})")
 
 
-def _load_tensor(path: Path, name: str) -> torch.Tensor:
-    if not path.is_file():
-        raise ArtifactError(f"{path.name} is missing from {path.parent}; the artifact is incomplete.")
+def _read_config(raw: bytes, directory: Path) -> tuple[dict, Optional[dict[str, FileRecord]]]:
+    """(config, manifest of recorded files) from the bytes of `attribution_config.json`; the manifest is None for an
+    artifact of format 1, which records no digests."""
+    where = directory / CONFIG_NAME
+    meta = parse_json_object(raw, str(where))
+    seal = sealed_digest(raw, SEAL_KEY)
+    if seal is not None and seal[0] != seal[1]:
+        raise ArtifactIntegrityError(
+            f"{where} does not match its own SHA-256 ({SEAL_KEY}): it was changed or corrupted after it was written. "
+            "Download or save the artifact again."
+        )
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArtifactIntegrityError(f"{where}: `format_version` must be a positive integer, got {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where} is in format {version}, written by hf_fwdattr {meta.get('library_version', '?')}; this hf_fwdattr "
+            f"({__version__}) reads formats up to {FORMAT_VERSION}. Upgrade it: pip install -U hf_fwdattr."
+        )
+    unknown = sorted(set(meta) - _KNOWN_KEYS)
+    if unknown:
+        logger.warning("This artifact was written by hf_fwdattr %s (format %s); ignoring unknown keys %s.",
+                       meta.get("library_version"), version, unknown)
+    if version == 1 and seal is None:
+        logger.warning("%s was written before artifacts recorded digests of their files (format 1): only the shards' sizes and "
+                       "headers can be checked. Save it again to record them.", directory)
+        return meta, None
+    if seal is None:
+        raise ArtifactIntegrityError(f"{where} carries no digest of its own ({SEAL_KEY}); the file was edited or corrupted.")
+    listed = meta.get("files")
+    if not isinstance(listed, dict):
+        raise ArtifactIntegrityError(f"{where} has no `files` record of the artifact's files.")
+    files = {plain_name(name, str(where)): FileRecord.from_dict(record, name, str(where)) for name, record in listed.items()}
+    return meta, files
+
+
+def _entry(meta: dict, key: str, kind: type) -> Any:
+    if key not in meta:
+        raise ArtifactError(f"{CONFIG_NAME} lacks the entry '{key}'; the artifact is incomplete.")
+    if not isinstance(meta[key], kind):
+        raise ArtifactError(f"{CONFIG_NAME}: '{key}' must be a {kind.__name__}, got {type(meta[key]).__name__}.")
+    return meta[key]
+
+
+def _tensors(raw: bytes, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file's bytes."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name)
+        _, header = safetensors_header(raw, name)
+        return dict(header.get("__metadata__") or {}), load_safetensors(raw)
+    except ArtifactError:
+        raise
     except Exception as err:  # safetensors raises its own error types for corrupted files
-        raise ArtifactError(f"{path.name} cannot be read ({err}).") from err
+        raise ArtifactIntegrityError(f"{name} cannot be read ({err}).") from err
+
+
+def _link_or_copy(file, source: Path, destination: Path) -> None:
+    """Put the bytes of the open `file` at `destination`: a hard link to `source` when it is still that very file,
+    else a copy read through the open descriptor (so what was loaded is what is saved)."""
+    try:
+        status = os.stat(source)
+        if (status.st_dev, status.st_ino) == file.inode:
+            os.link(source, destination)
+            return
+    except OSError:
+        pass
+    tmp = destination.with_name(destination.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        for block in file.blocks():
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, destination)
 
 
 def _card_template() -> Path:

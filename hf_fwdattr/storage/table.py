@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ArtifactError, DuplicateDocumentError
+from ..errors import ArtifactError, DocumentsError, DuplicateDocumentError
 from ..estimator.documents import DocumentSet
+from .integrity import content_digest, sha256_bytes
 
 DOCUMENTS_NAME = "documents.jsonl"
 
@@ -25,6 +26,9 @@ class DocumentTable:
     metadata: list[Optional[dict]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        missing = [row for row, d in enumerate(self.document_ids) if d is None]
+        if missing:
+            raise DocumentsError(f"Document ids must not be None (rows {missing[:5]}); give every document an id of its own.")
         self.document_ids = [str(d) for d in self.document_ids]
         n = len(self.document_ids)
         self.sources = list(self.sources) or [None] * n
@@ -35,6 +39,16 @@ class DocumentTable:
         duplicates = sorted(d for d, count in Counter(self.document_ids).items() if count > 1)
         if duplicates:
             raise DuplicateDocumentError(f"Document ids must be unique; repeated: {duplicates[:5]}.")
+        for document_id, metadata in zip(self.document_ids, self.metadata):
+            if metadata is None:
+                continue
+            try:
+                json.dumps(metadata, allow_nan=False, sort_keys=True)
+            except (TypeError, ValueError) as err:
+                raise DocumentsError(
+                    f"The metadata of document {document_id!r} cannot be stored as JSON ({err}): {str(metadata)[:200]}. "
+                    "Give metadata as strings, numbers, booleans, lists and dicts (no NaN), e.g. convert dates with str()."
+                ) from err
 
     def __len__(self) -> int:
         return len(self.document_ids)
@@ -67,6 +81,10 @@ class DocumentTable:
     def source_positions(self, source_names: Sequence[str]) -> torch.Tensor:
         """For each document, the position of its source in `source_names` (-1: no source, or one not listed)."""
         return source_positions(self.sources, source_names)
+
+    def sha256(self) -> str:
+        """SHA-256 of the table as `documents.jsonl` (ids, sources, token counts, metadata, in row order)."""
+        return sha256_bytes(self.to_jsonl().encode("utf-8"))
 
     def to_jsonl(self) -> str:
         """The table as JSON lines (`documents.jsonl`), one row per document in tensor-row order."""
@@ -104,3 +122,13 @@ def sum_by_source(values: torch.Tensor, positions: torch.Tensor, num_sources: in
     keep = positions >= 0
     summed = torch.zeros(num_sources, *values.shape[1:], dtype=values.dtype, device=values.device)
     return summed.index_add_(0, positions[keep], values[keep])
+
+
+def document_digests(documents: DocumentSet) -> list[str]:
+    """For each document of `documents`, the collision-free digest of its examples (token ids, labels, masks, in
+    chunk order): what decides its response, so a save resumes only into responses of the same tokens."""
+    chunks: list[list] = [[] for _ in range(len(documents))]
+    for example, owner in zip(documents.examples, documents.example_document):
+        chunks[owner].append(example)
+    return [content_digest(examples) for examples in chunks]
+
