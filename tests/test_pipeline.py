@@ -104,7 +104,7 @@ def test_per_token_attributions_cover_each_generated_token(fact_pipe, fact_model
     for position, token in enumerate(tokens):
         for entry in token["attributions"]:
             assert entry["score"] == pytest.approx(float(single[position, ids.index(entry["document_id"])]), rel=1e-4, abs=1e-4)
-    (plain,) = fact_pipe(question["prompt"], response=question["answer"], top_k=2)
+    (plain,) = fact_pipe(question["prompt"], response=question["answer"], attribution_top_k=2)
     assert [(a["document_id"], pytest.approx(a["score"], rel=1e-5)) for a in plain["attributions"]] == \
         [(a["document_id"], a["score"]) for a in record["attributions"]]
 
@@ -122,7 +122,7 @@ def test_one_sided_base_value_comes_from_generation_logits(fact_model):
 
     pipe.scorer.readout.token_scores = spy
     prompts = [q["prompt"] for q in _questions(fact_model)[:2]]
-    records = pipe(prompts, max_new_tokens=5, do_sample=False, top_k=2, batch_size=2)
+    records = pipe(prompts, max_new_tokens=5, do_sample=False, attribution_top_k=2, batch_size=2)
     assert all("logits" not in r[0] for r in records) and len(seen) == 1
     queries, base = seen[0]
     task = pipe.attribution_task
