@@ -428,8 +428,9 @@ class InfluenceArtifact:
                 refuse_foreign_artifact(target, self.settings())
             check_replaceable(target)
             staging = prepare_staging(target)
-            store = self._write_rows(staging, target, max_shard_size)
-            self._write_metadata(staging, store)
+            table = self.documents.to_jsonl().encode("utf-8")
+            store = self._write_rows(staging, target, max_shard_size, FileRecord.of_bytes(table).sha256)
+            self._write_metadata(staging, store, table)
             (staging / PROGRESS_NAME).unlink(missing_ok=True)
             swap_into_place(staging, target)
         store.directory = target
@@ -438,7 +439,7 @@ class InfluenceArtifact:
         self.path = target
         return target
 
-    def _write_rows(self, staging: Path, target: Path, max_shard_size: Union[int, str]):
+    def _write_rows(self, staging: Path, target: Path, max_shard_size: Union[int, str], table_sha256: str):
         """The response rows in `staging` (shards and index, the folder marked unfinished); returns their store."""
         store = self._store
         if isinstance(store, ShardedResponses) and os.path.abspath(store.directory) == str(staging):
@@ -452,13 +453,13 @@ class InfluenceArtifact:
                 _link_or_copy(file, target / shard.filename, staging / shard.filename)
             write_json_atomic(staging / INDEX_NAME, store.index())
             return store
-        identity = {**self.settings(), "documents_table_sha256": self.documents.sha256(), "rows_sha256": store.rows_sha256()}
+        identity = {**self.settings(), "documents_table_sha256": table_sha256, "rows_sha256": store.rows_sha256()}
         writer = ShardWriter(staging, identity, self.num_documents, self.dim, store.dtype, max_shard_size, replace_foreign=True)
         for index, lo, hi in writer.pending():
             writer.write(index, store.rows(list(range(lo, hi))))
         return writer.finish(keep_progress=True)
 
-    def _write_metadata(self, staging: Path, store) -> None:
+    def _write_metadata(self, staging: Path, store, table: bytes) -> None:
         """Source sums, readout basis, documents table, model card and, last, the sealed config recording them all."""
         files = {INDEX_NAME: FileRecord.of_path(staging / INDEX_NAME)}
         if self.source_responses is not None and self.source_names:
@@ -472,7 +473,6 @@ class InfluenceArtifact:
             save_tensors_atomic(staging / BASIS_NAME, self.readout_basis,
                                 metadata={"responses_sha256": self.readout_basis_rows_sha256, "num_documents": str(self.num_documents)})
             files[BASIS_NAME] = FileRecord.of_path(staging / BASIS_NAME)
-        table = self.documents.to_jsonl().encode("utf-8")
         write_bytes_atomic(staging / DOCUMENTS_NAME, table)
         files[DOCUMENTS_NAME] = FileRecord.of_bytes(table)
         write_bytes_atomic(staging / CARD_NAME, str(self.model_card()).encode("utf-8"))
