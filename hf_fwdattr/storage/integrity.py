@@ -165,13 +165,6 @@ class PinnedFile:
         for offset in range(start, end, READ_BLOCK):
             yield self.read(offset, min(READ_BLOCK, end - offset))
 
-    def record(self) -> FileRecord:
-        """Size and SHA-256 of the open file's bytes (read in full)."""
-        hasher = hashlib.sha256()
-        for block in self.blocks():
-            hasher.update(block)
-        return FileRecord(self.size, hasher.hexdigest())
-
     def close(self) -> None:
         """Close the descriptor (reads then fail)."""
         if self._fd is not None:
@@ -213,10 +206,6 @@ class Folder:
         except OSError:
             return False
         return stat.S_ISREG(status.st_mode)
-
-    def names(self) -> list[str]:
-        """Names of the entries of the folder."""
-        return sorted(os.listdir(self._fd if self._fd is not None else self.path))
 
     def open(self, name: str) -> PinnedFile:
         """Open `name` for reading and keep it open."""
