@@ -133,8 +133,9 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
     eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
     step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
     settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
-    # what decides the rows: settings, each document's tokens, the training examples and η
+    # what decides the rows: settings, the task's objective, each document's tokens, the training examples and η
     identity = {**shard_identity(settings, table.document_ids, document_digests(documents)),
+                "task": task.describe() if hasattr(task, "describe") else {"task": type(task).__qualname__},
                 "train_examples_sha256": content_digest(train_examples), "step_size": step_size}
     inputs_sha256 = content_digest(identity)
     dtype = config.torch_dtype
