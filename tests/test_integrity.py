@@ -30,7 +30,6 @@ from hf_fwdattr import (
     ForwardAttributionCallback,
     InfluenceArtifact,
     SimulationDivergedError,
-    SubspaceError,
     build_influence_artifact,
     simulate_responses,
 )
@@ -480,14 +479,15 @@ def test_padding_is_not_part_of_a_document():
 
 
 # ---------------------------------------------------------------------- case 8: projection on a PEFT model
-def test_projection_on_a_peft_model_is_refused_before_anything_changes():
-    model, _ = make_lm("llama", "peft")
+def test_projection_on_a_peft_model_is_a_second_adapter_and_the_users_survives():
+    model, _ = make_lm("llama", "peft")  # its own adapter is trained (non-zero B), so it changes the logits
     names = [n for n, _ in model.named_parameters()]
     weights = fingerprint_parameters(list(model.named_parameters()))
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = model(input_ids=ids).logits
-    with pytest.raises(SubspaceError, match="adapter"):
-        AttributionSubspace.build(model, "projection", rank=2)
+    with AttributionSubspace.build(model, "projection", rank=2) as subspace:
+        assert subspace.dim > 0 and all(".lora_B.fwdattr_projection" in n for n in subspace.names)
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)  # B = 0, the user's adapter still on
     assert [n for n, _ in model.named_parameters()] == names
     assert fingerprint_parameters(list(model.named_parameters())) == weights
     torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
