@@ -4,8 +4,8 @@
     <parent>/.<name>.fwdattr-staging       the new artifact while it is written (resumable; unfinished while it
                                            holds a progress file)
     <parent>/.<name>.fwdattr-backup        the old artifact during the swap
-    <parent>/.<name>.fwdattr-lock          locked (``flock``) by the one process saving to <name>; the lock dies
-                                           with its process, ``kill -9`` included
+    <parent>/.<name>.fwdattr-lock          locked (``flock``) by the one process saving to <name>, removed when it
+                                           is done; the lock dies with its process, ``kill -9`` included
 
 The swap is (1) <name> → backup, (2) staging → <name>, (3) backup removed. The staging is complete before (1), so an
 interruption before (1) leaves the old artifact, between (1) and (2) `recover` completes the swap, and after (2) only
@@ -116,16 +116,7 @@ def save_lock(target: Union[str, Path]) -> Iterator[None]:
             entry[2] += 1
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_lock(fd):
-                os.close(fd)
-                raise ArtifactBusyError(
-                    f"{_holder(path)} is saving to {Path(target)} right now (it holds {path.name}); two saves into one folder "
-                    "would mix their files. Wait for it to finish, or save elsewhere."
-                )
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            _held[key] = [fd, me, 1]
+            _held[key] = [_lock_file(path, target), me, 1]
     try:
         yield
     finally:
@@ -134,8 +125,35 @@ def save_lock(target: Union[str, Path]) -> Iterator[None]:
             entry[2] -= 1
             if entry[2] == 0:
                 del _held[key]
+                if os.name != "nt":  # removed while still held, so that no one can lock the file this lock was
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
                 _unlock(entry[0])
                 os.close(entry[0])
+
+
+def _lock_file(path: Path, target: Union[str, Path]) -> int:
+    """A descriptor of `path`, created if need be and locked; raises `ArtifactBusyError` if another holder has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise ArtifactBusyError(
+                f"{_holder(path)} is saving to {Path(target)} right now (it holds {path.name}); two saves into one folder "
+                "would mix their files. Wait for it to finish, or save elsewhere."
+            )
+        try:
+            status = os.stat(path)
+            current = (status.st_dev, status.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        except FileNotFoundError:
+            current = False
+        if current or os.name == "nt":
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the previous holder removed this file as it finished: lock the one at the path now
 
 
 def fsync_dir(path: Path) -> None:
