@@ -35,7 +35,7 @@ _LAZY = {
     **dict.fromkeys(["DocumentSet", "MinibatchSequence"], ".estimator.documents"),
     **dict.fromkeys(["GradientMethod", "document_gradients", "example_gradients", "query_gradients"], ".estimator.gradients"),
     **dict.fromkeys(["SimulationResult", "simulate_responses"], ".estimator.simulate"),
-    **dict.fromkeys(["AttributionSubspace", "SubspaceKind", "SubspaceSpec"], ".estimator.subspace"),
+    **dict.fromkeys(["AttributionSubspace", "SubspaceKind", "SubspaceSpec", "model_fingerprint"], ".estimator.subspace"),
     **dict.fromkeys(["AttributionTask", "CausalLMTask", "ClassificationTask"], ".estimator.task"),
     "build_influence_artifact": ".integrations.build",
     "ForwardAttributionCallback": ".integrations.callback",
@@ -44,6 +44,8 @@ _LAZY = {
     "ForwardReadout": ".query.readout",
     "ArtifactScorer": ".query.scoring",
     **dict.fromkeys(["DocumentTable", "InfluenceArtifact"], ".storage.artifact"),
+    "ProjectedResponses": ".storage.coefficients",
+    **dict.fromkeys(["CompressionConfig", "ResponseStorage"], ".storage.compression"),
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
@@ -52,7 +54,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .estimator.documents import DocumentSet, MinibatchSequence
     from .estimator.gradients import GradientMethod, document_gradients, example_gradients, query_gradients
     from .estimator.simulate import SimulationResult, simulate_responses
-    from .estimator.subspace import AttributionSubspace, SubspaceKind, SubspaceSpec
+    from .estimator.subspace import AttributionSubspace, SubspaceKind, SubspaceSpec, model_fingerprint
     from .estimator.task import AttributionTask, CausalLMTask, ClassificationTask
     from .integrations.build import build_influence_artifact
     from .integrations.callback import ForwardAttributionCallback
@@ -61,6 +63,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .query.readout import ForwardReadout
     from .query.scoring import ArtifactScorer
     from .storage.artifact import DocumentTable, InfluenceArtifact
+    from .storage.coefficients import ProjectedResponses
+    from .storage.compression import CompressionConfig, ResponseStorage
 
 
 def __getattr__(name: str):
@@ -90,6 +94,7 @@ __all__ = [
     "AttributionTask",
     "CausalLMTask",
     "ClassificationTask",
+    "CompressionConfig",
     "Curvature",
     "CurvatureOperator",
     "DocumentSet",
@@ -104,8 +109,10 @@ __all__ = [
     "GradientMethod",
     "InfluenceArtifact",
     "MinibatchSequence",
+    "ProjectedResponses",
     "ReadoutError",
     "ReadoutMode",
+    "ResponseStorage",
     "ServingError",
     "SimulationDivergedError",
     "SimulationResult",
@@ -120,6 +127,7 @@ __all__ = [
     "document_gradients",
     "estimate_step_size",
     "example_gradients",
+    "model_fingerprint",
     "query_gradients",
     "simulate_responses",
     "top_eigenvalue",

@@ -29,7 +29,7 @@ from hf_fwdattr import (
     simulate_responses,
 )
 from hf_fwdattr.integrations.data import documents_from_dataset, examples_from_dataset, split_into_chunks
-from hf_fwdattr.estimator.subspace import fingerprint_parameters
+from hf_fwdattr.estimator.subspace import fingerprint_parameters, model_fingerprint
 from hf_fwdattr.demo.toy import fact_corpus, tiny_llama, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_full_finetune_uses_a_projection_adapter_and_leaves_the_model_alone(base
     assert all(p.requires_grad for p in model.parameters())
     artifact = InfluenceArtifact.from_pretrained(tmp_path / "influence")
     assert artifact.subspace_spec.kind.value == "projection" and artifact.subspace_spec.rank == 8
-    assert artifact.model_fingerprint == fingerprint_parameters(list(model.named_parameters()))
+    assert artifact.model_fingerprint == model_fingerprint(model)
     assert _top_document_accuracy(artifact, model.eval(), tokenizer, corpus["questions"]) >= 0.8
 
 

@@ -88,11 +88,25 @@ def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Ite
             module.set_attn_implementation(implementation)
 
 
+# forward hooks that gradient checkpointing (transformers' `enable_input_require_grads`, PEFT) puts on the input embeddings
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode (no dropout) and restore each module's training flag afterwards."""
+    """Put the model in eval mode (no dropout) and restore each module's training flag afterwards.
+
+    A model prepared for gradient checkpointing carries a hook that makes the embeddings' output require grad; it is
+    needed only while checkpointed training runs (eval mode turns checkpointing off) and fails inside `torch.func`
+    transforms, so it is taken off for the duration.
+    """
     flags = {m: m.training for m in model.modules()}
-    if not any(flags.values()):  # already in eval mode (a pipeline's model): nothing to switch
+    removed = []
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
+                removed.append((module, key, module._forward_hooks.pop(key)))
+    if not any(flags.values()) and not removed:  # already in eval mode (a pipeline's model): nothing to switch
         yield
         return
     model.eval()
@@ -101,3 +115,5 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags.items():
             module.training = flag
+        for module, key, hook in removed:
+            module._forward_hooks[key] = hook

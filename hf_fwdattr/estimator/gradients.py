@@ -85,7 +85,8 @@ def _hooked_gradients(function: TaskFunction, batch: Any, n_examples: int, delta
         names = owners[module]
 
         def on_grad(grad_output: torch.Tensor) -> None:
-            g = grad_output.reshape(n_examples, -1, grad_output.shape[-1])
+            # half-precision models: the sums over positions accumulate in float32, not in the model's dtype
+            g = grad_output.reshape(n_examples, -1, grad_output.shape[-1]).to(torch.promote_types(grad_output.dtype, torch.float32))
             if "weight" in names:
                 x = inputs.reshape(n_examples, -1, inputs.shape[-1]).to(g.dtype)
                 accumulate(names["weight"], torch.einsum("bto,bti->boi", g, x))
@@ -107,7 +108,7 @@ def _hooked_gradients(function: TaskFunction, batch: Any, n_examples: int, delta
     parts = []
     for name, shape in zip(subspace.names, subspace.shapes):
         value = per_example[name]
-        parts.append(torch.zeros(n_examples, shape.numel(), dtype=dtype, device=subspace.device) if value is None else value.reshape(n_examples, -1).to(dtype))
+        parts.append(torch.zeros(n_examples, shape.numel(), dtype=dtype, device=subspace.device) if value is None else value.reshape(n_examples, -1).to(subspace.device, dtype))
     return torch.cat(parts, dim=1)
 
 
@@ -120,7 +121,7 @@ def _looped_gradients(function: TaskFunction, collate, examples, delta, dtype) -
         if value.numel() != 1:
             raise TaskError(f"The task returned {value.numel()} values for one example; expected 1.")
         grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype) for g, p in zip(grads, leaves.values())]))
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(subspace.device, dtype) for g, p in zip(grads, leaves.values())]))
     return torch.stack(rows)
 
 

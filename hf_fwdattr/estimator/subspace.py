@@ -112,11 +112,82 @@ def _hash_tensor(hasher: "hashlib._Hash", tensor: torch.Tensor) -> None:
 
 
 def fingerprint_parameters(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 of the values, shapes and dtypes of `named_tensors`, in order (names are not hashed)."""
+    """SHA-256 of the values, shapes and dtypes of `named_tensors`, in order (names are not hashed).
+
+    Reads every byte: ~2 minutes for a 7B float32 model. Artifacts use the cheaper `model_fingerprint`; this one
+    remains for checks that must see every value (and for artifacts written before `model_fingerprint` existed).
+    """
     hasher = hashlib.sha256()
     for _, tensor in named_tensors:
         _hash_tensor(hasher, tensor)
     return hasher.hexdigest()
+
+
+FINGERPRINT_SCHEME = "sampled-v1"
+SAMPLED_VALUES = 1024
+"""Values hashed per large frozen tensor by `model_fingerprint`."""
+FULLY_HASHED_NUMEL = 65_536
+"""Tensors of at most this many elements (norms, biases, small layers) are hashed in full by `model_fingerprint`."""
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    parts = name.split(".")
+    return any(part in _LORA_MATRICES or part.startswith("lora_") for part in parts) or "modules_to_save" in parts
+
+
+def _hash_sample(hasher: "hashlib._Hash", tensor: torch.Tensor, ordinal: int) -> None:
+    tensor = tensor.detach()
+    hasher.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    if tensor.device.type == "meta":  # offloaded (accelerate): no values on this device to read
+        hasher.update(b"meta;")
+        return
+    generator = torch.Generator().manual_seed(_stable_seed(ordinal, f"{tensor.numel()}:{tuple(tensor.shape)}"))
+    positions = torch.randint(tensor.numel(), (SAMPLED_VALUES,), generator=generator)
+    sample = tensor.reshape(-1)[positions.to(tensor.device)].to("cpu").contiguous()
+    hasher.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: nn.Module, fully_hashed: Optional[set[str]] = None, exclude_adapter: Optional[str] = None) -> str:
+    """A cheap fingerprint of the weights θ*: ``"sampled-v1:"`` + SHA-256 over the parameters in order (names are not hashed).
+
+    Every parameter contributes its dtype and shape. Its values are hashed in full when it is an adapter parameter
+    (LoRA A/B, PEFT's `modules_to_save`), when its canonical name is in `fully_hashed` (the subspace parameters of a
+    'trainable' subspace), or when it has at most `FULLY_HASHED_NUMEL` elements; of every other (large, frozen) tensor
+    a fixed seeded sample of `SAMPLED_VALUES` positions is hashed, read on the tensor's own device. So the cost is that
+    of the adapter plus ~1,000 values per weight matrix, whatever the model size, and the result is the same on any
+    device, dtype layout or process for the same values.
+
+    What it detects: any change to the adapter or the subspace parameters (a different fine-tune, a single changed
+    LoRA value), to any small tensor, to dtypes or shapes, and any change to a large tensor that touches one of its
+    sampled positions — a different base model, a merged adapter or a full fine-tune changes essentially every
+    value, so it is caught with certainty in practice.
+
+    What it does not detect: a change confined to positions of a large frozen tensor that are not sampled (e.g. a
+    handful of edited base weights, or only a few rows of a large embedding retrained: each of n changed values of a
+    tensor of N elements escapes with probability (1 − n/N)^1024), and the values of parameters offloaded to the
+    meta device by accelerate (their dtype and shape only). Use `fingerprint_parameters` to hash every byte.
+
+    Args:
+        model: the model (with its PEFT adapter, if any).
+        fully_hashed: canonical names of further parameters to hash in full.
+        exclude_adapter: leave out the parameters of this LoRA adapter (the projection adapter of the attribution
+            subspace, which is not part of θ*).
+    """
+    fully_hashed = fully_hashed or set()
+    hasher = hashlib.sha256()
+    ordinal = 0
+    for name, param in model.named_parameters():
+        if exclude_adapter is not None and _is_lora_parameter(name, exclude_adapter):
+            continue
+        if param.numel() <= FULLY_HASHED_NUMEL or _is_adapter_parameter(name) or canonical_name(name) in fully_hashed:
+            if param.device.type == "meta":
+                _hash_sample(hasher, param, ordinal)
+            else:
+                _hash_tensor(hasher, param)
+        else:
+            _hash_sample(hasher, param, ordinal)
+        ordinal += 1
+    return f"{FINGERPRINT_SCHEME}:{hasher.hexdigest()}"
 
 
 def _is_lora_parameter(name: str, adapter_name: str) -> bool:
@@ -145,13 +216,14 @@ class AttributionSubspace:
     Args:
         model: the model (with its PEFT or projection adapter in place).
         spec: the subspace description, `parameter_names` filled in.
-        model_fingerprint: fingerprint of θ* (all model parameters, projection adapter excluded).
+        model_fingerprint: fingerprint of θ* (`model_fingerprint` of all model parameters, projection adapter
+            excluded); None computes it when first asked for.
     """
 
-    def __init__(self, model: nn.Module, spec: SubspaceSpec, model_fingerprint: str, projection_tuner: Any = None):
+    def __init__(self, model: nn.Module, spec: SubspaceSpec, model_fingerprint: Optional[str] = None, projection_tuner: Any = None):
         self.model = model
         self.spec = spec
-        self.model_fingerprint = model_fingerprint
+        self._model_fingerprint = model_fingerprint
         self._projection_tuner = projection_tuner
         named = dict(model.named_parameters(remove_duplicate=False))
         actual = {canonical_name(n): n for n in named}
@@ -196,12 +268,10 @@ class AttributionSubspace:
                     f"The model already carries a projection adapter named {spec.adapter_name!r}; "
                     "call `remove()` on the subspace that injected it before building another."
                 )
-            model_fingerprint = fingerprint_parameters(list(model.named_parameters()))
             tuner = _inject_projection_adapter(model, spec)
             names = [n for n, _ in model.named_parameters() if _is_lora_parameter(n, spec.adapter_name) and ".lora_B." in f".{n}."]
-            return cls._checked(model, spec, names, model_fingerprint, tuner)
+            return cls._checked(model, spec, names, tuner)
 
-        model_fingerprint = fingerprint_parameters(list(model.named_parameters()))
         if spec.kind is SubspaceKind.PEFT:
             adapters = find_peft_adapters(model)
             if not adapters:
@@ -217,10 +287,10 @@ class AttributionSubspace:
             names = [n for n, _ in model.named_parameters() if _is_lora_parameter(n, spec.adapter_name)]
         else:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return cls._checked(model, spec, names, model_fingerprint, None)
+        return cls._checked(model, spec, names, None)
 
     @classmethod
-    def _checked(cls, model, spec, names, model_fingerprint, tuner) -> "AttributionSubspace":
+    def _checked(cls, model, spec, names, tuner) -> "AttributionSubspace":
         names = [canonical_name(n) for n in names]
         if spec.parameter_names and spec.parameter_names != names and spec.kind is not SubspaceKind.TRAINABLE:
             raise SubspaceError(
@@ -237,11 +307,33 @@ class AttributionSubspace:
                 )
             spec.parameter_names = names
         try:
-            return cls(model, spec, model_fingerprint, tuner)
+            return cls(model, spec, None, tuner)
         except Exception:
             if tuner is not None:
                 _remove_projection_adapter(model, spec, tuner)
             raise
+
+    @property
+    def model_fingerprint(self) -> str:
+        """`model_fingerprint` of θ* (the projection adapter left out), computed on first use and kept."""
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.model, self._fully_hashed(), self._projection_adapter())
+        return self._model_fingerprint
+
+    def _fully_hashed(self) -> set[str]:
+        return set(self.spec.parameter_names) if self.spec.kind is SubspaceKind.TRAINABLE else set()
+
+    def _projection_adapter(self) -> Optional[str]:
+        return self.spec.adapter_name if self.spec.kind is SubspaceKind.PROJECTION else None
+
+    def matches_model_fingerprint(self, recorded: str) -> bool:
+        """Whether `recorded` (an artifact's model fingerprint) is this model's: the cheap `model_fingerprint`, or for
+        artifacts written before it, the full SHA-256 of every parameter (`fingerprint_parameters`)."""
+        if recorded.startswith(f"{FINGERPRINT_SCHEME}:"):
+            return recorded == self.model_fingerprint
+        adapter = self._projection_adapter()
+        named = [(n, p) for n, p in self.model.named_parameters() if adapter is None or not _is_lora_parameter(n, adapter)]
+        return recorded == fingerprint_parameters(named)
 
     def remove(self) -> None:
         """Take the projection adapter out of the model again (no-op for the other kinds)."""
@@ -275,7 +367,8 @@ class AttributionSubspace:
     def parameters_at(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ* + δ for a flat δ of length `dim`, in each parameter's own dtype and device."""
         parts = self.unflatten(delta)
-        return {n: self.base[n] + parts[n].to(self.base[n].dtype) for n in self.names}
+        # each parameter on its own device: a model placed with device_map spreads them over several
+        return {n: self.base[n] + parts[n].to(self.base[n].device, self.base[n].dtype) for n in self.names}
 
     def base_vector(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """θ* restricted to the subspace, flattened."""

@@ -30,11 +30,13 @@ from ..estimator.task import CausalLMTask
 from ..progress import progress_bar
 from ..query.compress import build_readout_basis
 from ..storage.artifact import CONFIG_NAME, DocumentTable, InfluenceArtifact, artifact_settings, base_model_of, refuse_foreign_artifact, shard_identity
-from ..storage.atomic import check_replaceable, prepare_staging, recover, save_lock, staging_dir
+from ..storage.atomic import PROGRESS_NAME, check_replaceable, prepare_staging, recover, save_lock, staging_dir
+from ..storage.compression import CompressionConfig
 from ..storage.integrity import content_digest
-from ..storage.shards import ShardWriter
+from ..storage.shards import ShardWriter, write_json_atomic
 from ..storage.table import document_digests
 from .data import check_document_tokens, vocabulary_size
+from .compressed_build import simulate_compressed
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ def build_influence_artifact(
     base_model: Optional[dict] = None,
     progress: bool = True,
     gradient_method: str = "auto",
+    compression: Optional[Union[CompressionConfig, dict, str]] = None,
     **subspace_kwargs,
 ) -> Optional[InfluenceArtifact]:
     """Simulate every document's response on `model` and save the artifact to `output_dir`.
@@ -108,8 +111,12 @@ def build_influence_artifact(
             `subspace_kwargs` (e.g. ``rank=16, target_modules=[...]``) fill a kind given as a string.
         n_tokens, metadata: extra columns of the documents table.
         max_shard_size, shard_rows: how responses are split into shards (and units of work/resume).
+        compression: exact or compressed response storage (`CompressionConfig`, its dict, or 'auto' / 'exact' /
+            'compressed'; None: 'auto', which compresses when N × p would exceed `max_exact_size`). Compressed
+            responses are projected on a basis fixed from a sample of them as they are simulated (N × p is never written).
     """
     config = config or AttributionConfig()
+    compression = CompressionConfig.coerce(compression)
     processes = _Processes()
     output_dir = Path(os.path.abspath(output_dir))
     start = time.perf_counter()
@@ -122,17 +129,20 @@ def build_influence_artifact(
         built = AttributionSubspace.build(model, subspace, **subspace_kwargs)
         try:
             return _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
-                                      max_shard_size, shard_rows, base_model, progress, gradient_method)
+                                      max_shard_size, shard_rows, base_model, progress, gradient_method, compression)
         finally:
             built.remove()
 
 
 def _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
-                       max_shard_size, shard_rows, base_model, progress, gradient_method) -> Optional[InfluenceArtifact]:
+                       max_shard_size, shard_rows, base_model, progress, gradient_method, compression) -> Optional[InfluenceArtifact]:
     # every process estimates the (deterministic) eigenbasis itself rather than receiving it
     eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
     step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
-    settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint)
+    compressed, reason = compression.compress(len(table), built.dim, config.torch_dtype)
+    if processes.is_main:
+        logger.info("Influence artifact with %s.", reason)
+    settings = artifact_settings(config, built.spec, built.model_fingerprint, built.fingerprint, compression if compressed else None)
     # what decides the rows: settings, the task's objective, each document's tokens, the training examples and η
     identity = {**shard_identity(settings, table.document_ids, document_digests(documents)),
                 "task": task.describe() if hasattr(task, "describe") else {"task": type(task).__qualname__},
@@ -149,6 +159,11 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
         refuse_foreign_artifact(output_dir, settings)
         check_replaceable(output_dir)
         prepare_staging(output_dir)
+    if compressed:
+        return _simulate_compressed_and_save(built, model, task, documents, table, train_examples, output_dir, staging, config, compression,
+                                             processes, start, identity, inputs_sha256, step_size, top, eigenbasis, base_model, progress,
+                                             gradient_method)
+    if processes.is_main:
         writer = ShardWriter(staging, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=True, replace_foreign=True)
     processes.barrier()
     if not processes.is_main:
@@ -178,6 +193,31 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
         if config.readout_basis_rank_for(len(table)) > 0:
             attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
         artifact.save_pretrained(output_dir)
+    processes.barrier()
+    return artifact
+
+
+def _simulate_compressed_and_save(built, model, task, documents, table, train_examples, output_dir, staging, config, compression, processes,
+                                  start, identity, inputs_sha256, step_size, top, eigenbasis, base_model, progress,
+                                  gradient_method) -> Optional[InfluenceArtifact]:
+    """The compressed build (`simulate_compressed`) in the staging folder, saved and swapped in like an exact one."""
+    if processes.is_main and not (staging / PROGRESS_NAME).is_file():
+        # marks the staging folder unfinished from the start, so an interrupted first pass is resumed, not discarded
+        write_json_atomic(staging / PROGRESS_NAME, {"plan": "compressed simulation"})
+    processes.barrier()
+    store, figures = simulate_compressed(built, task, documents, train_examples, config, compression, staging, processes, identity,
+                                         step_size, eigenbasis, gradient_method, progress)
+    artifact = None
+    if processes.is_main:
+        artifact = InfluenceArtifact(
+            config=config, subspace_spec=built.spec, documents=table, responses=store,
+            model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
+            base_model=base_model or base_model_of(model), compression=compression,
+            fidelity={f"compression_{k}": v for k, v in figures.items()},
+            simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start,
+                        "processes": processes.world, "inputs_sha256": inputs_sha256},
+        )
+        artifact.save_pretrained(output_dir)  # the work folder of the first pass is not kept: the save removes it
     processes.barrier()
     return artifact
 

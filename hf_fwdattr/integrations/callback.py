@@ -14,6 +14,7 @@ from ..estimator.config import AttributionConfig
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec, find_peft_adapters
 from ..estimator.task import AttributionTask, CausalLMTask
 from ..storage.artifact import InfluenceArtifact
+from ..storage.compression import CompressionConfig
 from ..storage.table import DocumentTable
 from .build import build_influence_artifact
 from .data import (
@@ -55,6 +56,8 @@ class ForwardAttributionCallback(TrainerCallback):
             training dataset).
         output_subdir: folder under ``args.output_dir`` the artifact is written to.
         max_shard_size: size of each responses shard (also the unit of resumption and of work per process).
+        compression: exact or compressed response storage (`CompressionConfig`, its dict, or 'auto' / 'exact' /
+            'compressed'); None: 'auto', which stores coefficients on a basis when N × p would exceed its `max_exact_size`.
         push_to_hub: push the artifact; None follows ``TrainingArguments.push_to_hub``.
         hub_repo_id: repo to push to (default: ``<hub_model_id or output_dir name>-influence``).
     """
@@ -75,6 +78,7 @@ class ForwardAttributionCallback(TrainerCallback):
         train_examples: Any = None,
         output_subdir: str = "influence",
         max_shard_size: Union[int, str] = "1GB",
+        compression: Union[CompressionConfig, dict, str, None] = None,
         push_to_hub: Optional[bool] = None,
         hub_repo_id: Optional[str] = None,
     ):
@@ -100,6 +104,7 @@ class ForwardAttributionCallback(TrainerCallback):
         self.train_examples = train_examples
         self.output_subdir = output_subdir
         self.max_shard_size = max_shard_size
+        self.compression = CompressionConfig.coerce(compression)
         self.push_to_hub = push_to_hub
         self.hub_repo_id = hub_repo_id
         self.artifact: Optional[InfluenceArtifact] = None
@@ -151,7 +156,8 @@ class ForwardAttributionCallback(TrainerCallback):
         check_document_tokens(prepared.documents, examples, vocabulary_size(model), check_labels=isinstance(task, CausalLMTask))
         DocumentTable.from_document_set(prepared.documents, prepared.n_tokens, prepared.metadata)
         spec, arguments = self._subspace_request(model)
-        with AttributionSubspace.build(model, spec, **arguments) as subspace:  # fails now if the subspace is empty
+        # fails now if the subspace is empty; nothing heavy: the weights' fingerprint is computed only when the artifact is made
+        with AttributionSubspace.build(model, spec, **arguments) as subspace:
             kind, dim = subspace.spec.kind.value, subspace.dim
         if state.is_local_process_zero:
             logger.info(
@@ -167,7 +173,7 @@ class ForwardAttributionCallback(TrainerCallback):
         start = time.perf_counter()
         artifact = build_influence_artifact(
             model, task, prepared.documents, train_examples, output_dir, self.config, subspace=spec,
-            n_tokens=prepared.n_tokens, metadata=prepared.metadata, max_shard_size=self.max_shard_size,
+            n_tokens=prepared.n_tokens, metadata=prepared.metadata, max_shard_size=self.max_shard_size, compression=self.compression,
             progress=not args.disable_tqdm, **arguments,
         )
         seconds = time.perf_counter() - start

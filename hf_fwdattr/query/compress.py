@@ -124,3 +124,58 @@ def build_readout_basis(store, query_gradients: torch.Tensor, max_rank: int, fid
         "singular_values": singular_values[:chosen].contiguous().to(dtype),
     }
     return basis, figures
+
+
+def gram_basis(store, max_rank: int, block_rows: int = 256, relative_tolerance: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V [k, p] float32 with orthonormal rows, singular values [k] float64): the top right singular vectors of the rows of
+    `store` (n × p, n small: a sample of responses), k = min(`max_rank`, n, rank), from their n × n Gram matrix.
+
+    Memory: the n × n Gram matrix, two blocks of `block_rows` rows and V itself — never a p × (k + oversampling) sketch,
+    which is what matters when p is in the millions. Cost: n² p for the Gram matrix (blocks read (n / block_rows)² / 2
+    times) and n k p for V. The products run in float32 (accumulated in float64), so directions whose singular value is
+    below `relative_tolerance` × the largest — where the Gram matrix's rounding reaches them — are dropped, and V's rows
+    are orthonormalised once more at the end (in order: the first keeps its direction).
+    """
+    n = store.num_rows
+    bounds = [(lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows)]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for position, (lo, hi) in enumerate(bounds):
+        first = store.rows(range(lo, hi)).to(torch.float32)
+        for other_lo, other_hi in bounds[position:]:
+            second = first if other_lo == lo else store.rows(range(other_lo, other_hi)).to(torch.float32)
+            block = (first @ second.T).to(torch.float64)
+            gram[lo:hi, other_lo:other_hi] = block
+            gram[other_lo:other_hi, lo:hi] = block.T
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp(min=0), vectors.flip(1)
+    kept = int((eigenvalues > eigenvalues[0] * relative_tolerance**2).sum()) if n else 0
+    rank = max(1, min(max_rank, kept))
+    singular_values = eigenvalues[:rank].sqrt()
+    weights = (vectors[:, :rank] / singular_values.clamp(min=torch.finfo(torch.float64).tiny)).to(torch.float32)  # V = Σ⁻¹ Wᵀ R
+    directions = torch.zeros(rank, store.dim, dtype=torch.float32)
+    for lo, hi in bounds:
+        directions += weights[lo:hi].T @ store.rows(range(lo, hi)).to(torch.float32)
+    overlap = (directions @ directions.T).to(torch.float64)  # ≈ I; L⁻¹ V makes it I (Cholesky: Gram–Schmidt in order)
+    factor = torch.linalg.cholesky(overlap)
+    for lo in range(0, store.dim, 65_536):  # by column blocks: no float64 copy of V
+        block = directions[:, lo : lo + 65_536].to(torch.float64)
+        directions[:, lo : lo + 65_536] = torch.linalg.solve_triangular(factor, block, upper=False).to(torch.float32)
+    return directions, singular_values
+
+
+def spearman_at_ranks(query_gradients: torch.Tensor, store, directions: torch.Tensor, block_rows: int = 256) -> Callable[[int], float]:
+    """rank ↦ mean per-query Spearman correlation between the exact scores of the rows of `store` (against
+    `query_gradients` [Q, p]) and their scores through the first `rank` rows of `directions` V [k, p].
+
+    The rows are streamed once, `block_rows` at a time: only [Q, n] scores and [n, k] coefficients are kept.
+    """
+    gradients = query_gradients.to(torch.float32)
+    basis = directions.to(torch.float32)
+    exact, coefficients = [], []
+    for lo in range(0, store.num_rows, block_rows):
+        block = store.rows(range(lo, min(lo + block_rows, store.num_rows))).to(torch.float32)
+        exact.append((gradients @ block.T).to(torch.float64))
+        coefficients.append((block @ basis.T).to(torch.float64))
+    exact_scores, coefficient_rows = torch.cat(exact, dim=1), torch.cat(coefficients)
+    on_basis = (gradients @ basis.T).to(torch.float64)  # [Q, k]
+    return lambda rank: float(spearman_rows(exact_scores, on_basis[:, :rank] @ coefficient_rows[:, :rank].T).nanmean())

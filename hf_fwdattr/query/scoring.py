@@ -1,7 +1,8 @@
 """`ArtifactScorer`: scores of queries against an artifact's documents or sources, forward passes only.
 
 Binds the artifact to a model once (fingerprints checked), then answers document-level scores by
-streaming the response shards (or through the compressed readout basis when the artifact has one)
+streaming the response shards (or through the compressed readout basis when the artifact has one; an artifact
+of compressed responses always reads out through its basis: k directions, then its coefficients streamed)
 and source-level scores from the per-source summed responses: one direction per source, exact. The removal
 readout is nonlinear in u_b, so there a source's score is the sum of its documents' scores instead. The
 ``*_token_scores`` methods give per-token scores and their sum from the same passes.
@@ -30,7 +31,8 @@ class ArtifactScorer:
             which leaves the outputs unchanged).
         task: the task whose `measurement` is f_q.
         mode: readout mode overriding the artifact's.
-        use_basis: use the artifact's compressed readout basis for document scores when present.
+        use_basis: use the artifact's compressed readout basis for document scores when present (for compressed
+            responses: read out the k basis directions, not the N projected responses, which give the same scores).
         chunk_rows: rows streamed from the shards at a time.
         engine: how blocks of directions are evaluated (`ReadoutEngine`; ``auto`` batches LoRA subspaces).
     """
@@ -48,11 +50,20 @@ class ArtifactScorer:
         self.readout = ForwardReadout(self.subspace, task, mode or config.readout, config.epsilon, config.readout_chunk_size,
                                       engine=engine)
         self.linear = self.readout.mode is not ReadoutMode.REMOVAL
-        self.use_basis = use_basis and self.linear and artifact.readout_basis is not None
+        self.use_basis = use_basis and self.linear and (artifact.readout_basis is not None or artifact.compressed)
         self.chunk_rows = chunk_rows
 
     def document_scores(self, queries: Sequence[Any]) -> torch.Tensor:
         """[n_queries, n_documents] scores; positive = proponent."""
+        if self.use_basis and self.artifact.compressed:
+            store = self.artifact.store
+            projected = self.readout.scores(queries, store.directions)  # [Q, k]: ∇f_qᵀ v_j
+            out = torch.empty(len(projected), store.num_rows, dtype=projected.dtype, device=projected.device)
+            row = 0
+            for block in store.iter_coefficients(self.chunk_rows):  # [·, k]: streamed, memory flat in N
+                out[:, row : row + len(block)] = projected @ block.to(projected.device, projected.dtype).T
+                row += len(block)
+            return out
         if self.use_basis:
             basis = self.artifact.readout_basis
             projected = self.readout.scores(queries, basis["directions"])  # [Q, k]: ∇f_qᵀ v_j

@@ -4,7 +4,10 @@
                                          SHA-256 of every file below (sealed: it carries the digest of its own bytes)
     documents.jsonl                      document_id, source, n_tokens, metadata (row order = tensor order)
     responses-0000i-of-0000M.safetensors the responses u_b, sharded   (+ responses.safetensors.index.json, which
-                                         records every shard's digest and the digest of all rows)
+                                         records every shard's digest and the digest of all rows); compressed
+                                         responses: their coefficients c_b on the response basis, [N, k]
+    response_basis.safetensors           compressed responses only: the directions V [k, p] (records the digest of
+                                         the coefficients it belongs to)
     source_responses.safetensors         the summed response of each source
     readout_basis.safetensors            optional compressed readout basis (records the rows digest it was built from)
     README.md                            model card rendered from model_cards/ (not recorded: free to edit)
@@ -58,6 +61,8 @@ from .integrity import (
     seal_json,
     sealed_digest,
 )
+from .coefficients import BASIS_FILE, ProjectedResponses, check_basis
+from .compression import CompressionConfig, ResponseStorage
 from .shards import (
     INDEX_NAME,
     ComposedResponses,
@@ -79,14 +84,17 @@ FORMAT_VERSION = 2  # 2: sealed config with a digest of every file; 1: header di
 SEAL_KEY = "config_sha256"
 _KNOWN_KEYS = {
     "format_version", "library_version", "estimator", "subspace", "fingerprints", "base_model", "num_documents",
-    "dim", "dtype", "simulation", "fidelity", "sources", "files", SEAL_KEY,
+    "dim", "dtype", "simulation", "fidelity", "sources", "files", "compression", SEAL_KEY,
 }
 _DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def summed_responses(table: DocumentTable, store, source_names: Sequence[str], chunk_rows: int = 4096, absolute: bool = False) -> torch.Tensor:
     """[len(source_names), dim]: each source's summed response, streamed over the rows of `store` (float64 sums);
-    with `absolute`, the float64 sums of absolute values (the scale a rounding error of the sums is measured against)."""
+    with `absolute`, the float64 sums of absolute values (the scale a rounding error of the sums is measured against).
+    For compressed responses, the sum of the projected responses (summed over the coefficients)."""
+    if isinstance(store, ProjectedResponses) and not absolute:
+        return store.summed_by_source(table, source_names, chunk_rows)
     positions = table.source_positions(source_names)
     sums = torch.zeros(len(source_names), store.dim, dtype=torch.float64)
     if len(source_names):
@@ -98,13 +106,18 @@ def summed_responses(table: DocumentTable, store, source_names: Sequence[str], c
     return sums if absolute else sums.to(store.dtype)
 
 
-def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, model_fingerprint: str, subspace_fingerprint: str) -> dict:
-    """The settings an artifact is made with; a folder holding other settings is not overwritten."""
-    return {
+def artifact_settings(config: AttributionConfig, subspace_spec: SubspaceSpec, model_fingerprint: str, subspace_fingerprint: str,
+                      compression: Optional[CompressionConfig] = None) -> dict:
+    """The settings an artifact is made with; a folder holding other settings is not overwritten. `compression`: the
+    settings of compressed response storage (None for exact responses, whose settings have no such entry)."""
+    settings = {
         "estimator": config.to_dict(),
         "subspace": subspace_spec.to_dict(),
         "fingerprints": {"model": model_fingerprint, "subspace": subspace_fingerprint},
     }
+    if compression is not None:
+        settings["compression"] = compression.to_dict()
+    return settings
 
 
 def shard_identity(settings: dict, document_ids: Sequence[str], token_digests: Sequence[str]) -> dict:
@@ -163,6 +176,7 @@ class InfluenceArtifact:
         library_version: str = __version__,
         path: Optional[Path] = None,
         readout_basis_rows_sha256: Optional[str] = None,
+        compression: Optional[CompressionConfig] = None,
     ):
         self.config = config
         self.subspace_spec = subspace_spec
@@ -172,6 +186,9 @@ class InfluenceArtifact:
             raise ArtifactError(f"{self._store.num_rows} response rows for {len(documents)} documents; they must match row for row.")
         self.model_fingerprint = model_fingerprint
         self.subspace_fingerprint = subspace_fingerprint
+        if isinstance(self._store, ProjectedResponses) and compression is None:
+            compression = CompressionConfig(storage=ResponseStorage.COMPRESSED)
+        self.compression = compression if isinstance(self._store, ProjectedResponses) else None
         self.base_model = dict(base_model or {})
         self.simulation = dict(simulation or {})
         self.fidelity = dict(fidelity or {})
@@ -233,6 +250,11 @@ class InfluenceArtifact:
         return self._store
 
     @property
+    def compressed(self) -> bool:
+        """Whether the responses are stored as coefficients on a basis (`ProjectedResponses`) rather than exactly."""
+        return isinstance(self._store, ProjectedResponses)
+
+    @property
     def sums_sources(self) -> bool:
         """Whether the artifact keeps each source's summed response: for linear readouts a source's score is the score
         of that sum (one direction per source); the removal readout is nonlinear, so there it sums document scores."""
@@ -272,19 +294,21 @@ class InfluenceArtifact:
 
     def verify(self, chunk_rows: int = 4096) -> None:
         """Check everything, reading every response once (loading already checked the cheap parts: the sealed config,
-        the documents table, the source sums, the readout basis, the shards' sizes and headers).
+        the documents table, the source sums, the readout basis, the response basis of compressed responses, the
+        shards' sizes and headers).
 
-        Every shard's bytes against its SHA-256, the rows against the digest the readout basis records as its origin,
-        every value finite, and each source's summed response against the sum of its documents' responses.
-        Raises `ArtifactIntegrityError` naming the file that does not match.
+        Every shard's bytes against its SHA-256 (the coefficients' shards of compressed responses), the rows against
+        the digest the readout basis records as its origin, every value finite, and each source's summed response
+        against the sum of its documents' responses. Raises `ArtifactIntegrityError` naming the file that does not match.
         """
-        if isinstance(self._store, ShardedResponses):
-            self._store.verify_data(chunk_rows)
+        rows = self._rows()
+        if isinstance(rows, ShardedResponses):
+            rows.verify_data(chunk_rows)
         else:
-            for block in self._store.iter_chunks(chunk_rows):
+            for block in rows.iter_chunks(chunk_rows):
                 if not torch.isfinite(block).all():
                     raise ArtifactIntegrityError("The artifact's responses contain non-finite values.")
-        if self.readout_basis is not None and self.readout_basis_rows_sha256 not in (None, self._store.rows_sha256()):
+        if self.readout_basis is not None and self.readout_basis_rows_sha256 not in (None, rows.rows_sha256()):
             raise ArtifactIntegrityError(f"{BASIS_NAME} was built from other responses than this artifact's.")
         if self.source_responses is not None and self.source_names:
             exact = summed_responses(self.documents, self._store, self.source_names, chunk_rows).to(torch.float64)
@@ -297,9 +321,14 @@ class InfluenceArtifact:
                     f"{SOURCES_NAME}: the summed response of source {self.source_names[row]!r} is not the sum of its documents' responses."
                 )
 
+    def _rows(self):
+        """What the response shards hold: the responses, or the coefficients of compressed responses."""
+        return self._store.coefficients if self.compressed else self._store
+
     def close(self) -> None:
         """Close the files a loaded artifact keeps open (reading responses then fails)."""
-        stores = [self._store] + [store for store, _ in getattr(self._store, "parts", [])]
+        rows = self._rows()
+        stores = [rows] + [store for store, _ in getattr(rows, "parts", [])]
         for store in stores:
             if hasattr(store, "close"):
                 store.close()
@@ -308,8 +337,8 @@ class InfluenceArtifact:
     def check_subspace(self, subspace: AttributionSubspace) -> None:
         """Raise `FingerprintMismatchError` unless `subspace` is the one the responses were made in."""
         problems = []
-        if subspace.model_fingerprint != self.model_fingerprint:
-            problems.append(f"model weights: the artifact was made for {self.model_fingerprint[:16]}…, this model is {subspace.model_fingerprint[:16]}…")
+        if not subspace.matches_model_fingerprint(self.model_fingerprint):
+            problems.append(f"model weights: the artifact was made for {self.model_fingerprint[:27]}…, this model is {subspace.model_fingerprint[:27]}…")
         if subspace.fingerprint != self.subspace_fingerprint:
             problems.append(f"attribution subspace: the artifact's is {self.subspace_fingerprint[:16]}…, this one is {subspace.fingerprint[:16]}…")
         if subspace.dim != self.dim:
@@ -345,16 +374,22 @@ class InfluenceArtifact:
         """A new artifact with `documents` appended. Their `responses` must be simulated in the same subspace
         with the same settings and step size (`self.step_size`); nothing already stored is recomputed."""
         table = documents if isinstance(documents, DocumentTable) else DocumentTable.from_document_set(documents)
-        added = InMemoryResponses(responses)
-        if added.dim != self.dim or added.num_rows != len(table):
+        if responses.dim() != 2 or tuple(responses.shape) != (len(table), self.dim):
             raise ArtifactError(f"New responses must have shape [{len(table)}, {self.dim}], got {tuple(responses.shape)}.")
-        finite = torch.isfinite(added.tensor).all(dim=1)
+        finite = torch.isfinite(responses).all(dim=1)
         if not bool(finite.all()):
             bad = [table.document_ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
             raise ArtifactError(
                 f"The responses of documents {bad[:5]} ({len(bad)} in all) contain NaN or infinite values; they would be ranked "
                 "arbitrarily. Simulate them again (a non-finite loss, or a diverging simulation, makes them)."
             )
+        if self.compressed:  # projected on the stored basis; only their coefficients are kept
+            added = ProjectedResponses(InMemoryResponses(self._store.project(responses)), self._store.directions)
+            store = ProjectedResponses(ComposedResponses([(self._store.coefficients, None), (added.coefficients, None)]),
+                                       self._store.directions, self._store.singular_values)
+        else:
+            added = InMemoryResponses(responses)
+            store = ComposedResponses([(self._store, None), (added, None)])
         combined_table = self.documents.concat(table)
         names = self.source_names + [name for name in table.source_names() if name not in self.source_names]
         sums = None
@@ -362,7 +397,7 @@ class InfluenceArtifact:
             sums = summed_responses(table, added, names).to(torch.float64)
             sums[: len(self.source_names)] += self.source_responses.to(torch.float64)
             sums = sums.to(self._store.dtype)
-        return self._replace(combined_table, ComposedResponses([(self._store, None), (added, None)]), names, sums)
+        return self._replace(combined_table, store, names, sums)
 
     def remove_documents(self, document_ids: Sequence[str]) -> "InfluenceArtifact":
         """A new artifact without the given documents; the rest are kept as stored (source sums recomputed exactly)."""
@@ -379,7 +414,8 @@ class InfluenceArtifact:
         if not keep:
             raise ArtifactError("Removing these documents would leave the artifact empty.")
         table = self.documents.select(keep)
-        return self._replace(table, ComposedResponses([(self._store, torch.tensor(keep))]), None, None)
+        store = self._store.select(keep) if self.compressed else ComposedResponses([(self._store, torch.tensor(keep))])
+        return self._replace(table, store, None, None)
 
     def _replace(self, table, store, names, sums) -> "InfluenceArtifact":
         if self.readout_basis is not None:
@@ -387,8 +423,10 @@ class InfluenceArtifact:
         return InfluenceArtifact(
             config=self.config, subspace_spec=self.subspace_spec, documents=table, responses=store,
             model_fingerprint=self.model_fingerprint, subspace_fingerprint=self.subspace_fingerprint,
-            base_model=self.base_model, simulation=self.simulation, fidelity={}, source_names=names,
-            source_responses=sums, readout_basis=None, library_version=self.library_version,
+            base_model=self.base_model, simulation=self.simulation, source_names=names,
+            # the compression's fidelity was measured on held-out documents: it describes added documents as well
+            fidelity={k: v for k, v in self.fidelity.items() if k.startswith("compression_")},
+            source_responses=sums, readout_basis=None, library_version=self.library_version, compression=self.compression,
         )
 
     # ------------------------------------------------------------------ saving
@@ -405,11 +443,12 @@ class InfluenceArtifact:
             "fidelity": self.fidelity,
             "sources": self.source_names,
             "files": {name: record.to_dict() for name, record in sorted(files.items())},
+            **({"compression": self.compression.to_dict()} if self.compressed else {}),
         }
 
     def settings(self) -> dict:
         """Estimator settings, subspace description and fingerprints (see `artifact_settings`)."""
-        return artifact_settings(self.config, self.subspace_spec, self.model_fingerprint, self.subspace_fingerprint)
+        return artifact_settings(self.config, self.subspace_spec, self.model_fingerprint, self.subspace_fingerprint, self.compression)
 
     def save_pretrained(self, save_directory: Union[str, Path], max_shard_size: Union[int, str] = "1GB", overwrite: bool = False) -> Path:
         """Write the artifact to `save_directory`, replacing what is there only once the new artifact is complete.
@@ -434,14 +473,16 @@ class InfluenceArtifact:
             (staging / PROGRESS_NAME).unlink(missing_ok=True)
             swap_into_place(staging, target)
         store.directory = target
-        if self._store is store or isinstance(self._store, ShardedResponses):
-            self._store = store
+        rows = self._rows()
+        if rows is store or isinstance(rows, ShardedResponses):
+            self._store = ProjectedResponses(store, self._store.directions, self._store.singular_values) if self.compressed else store
         self.path = target
         return target
 
     def _write_rows(self, staging: Path, target: Path, max_shard_size: Union[int, str], table_sha256: str):
-        """The response rows in `staging` (shards and index, the folder marked unfinished); returns their store."""
-        store = self._store
+        """The response rows (the coefficients of compressed responses) in `staging` (shards and index, the folder
+        marked unfinished); returns their store."""
+        store = self._rows()
         if isinstance(store, ShardedResponses) and os.path.abspath(store.directory) == str(staging):
             return store  # written there by the simulation (`build_influence_artifact`)
         if isinstance(store, ShardedResponses) and store.digested and os.path.abspath(store.directory) == str(target):
@@ -454,14 +495,18 @@ class InfluenceArtifact:
             write_json_atomic(staging / INDEX_NAME, store.index())
             return store
         identity = {**self.settings(), "documents_table_sha256": table_sha256, "rows_sha256": store.rows_sha256()}
-        writer = ShardWriter(staging, identity, self.num_documents, self.dim, store.dtype, max_shard_size, replace_foreign=True)
+        writer = ShardWriter(staging, identity, self.num_documents, store.dim, store.dtype, max_shard_size, replace_foreign=True)
         for index, lo, hi in writer.pending():
             writer.write(index, store.rows(list(range(lo, hi))))
         return writer.finish(keep_progress=True)
 
     def _write_metadata(self, staging: Path, store, table: bytes) -> None:
-        """Source sums, readout basis, documents table, model card and, last, the sealed config recording them all."""
+        """Source sums, readout basis, response basis (compressed responses), documents table, model card and, last,
+        the sealed config recording them all."""
         files = {INDEX_NAME: FileRecord.of_path(staging / INDEX_NAME)}
+        if self.compressed:  # the directions the coefficients are taken on, tied to those coefficients by their digest
+            save_tensors_atomic(staging / BASIS_FILE, self._store.basis_tensors(), metadata={"coefficients_sha256": store.rows_sha256()})
+            files[BASIS_FILE] = FileRecord.of_path(staging / BASIS_FILE)
         if self.source_responses is not None and self.source_names:
             save_tensors_atomic(staging / SOURCES_NAME, {"responses": self.source_responses})
             files[SOURCES_NAME] = FileRecord.of_path(staging / SOURCES_NAME)
@@ -557,6 +602,22 @@ class InfluenceArtifact:
             if isinstance(err, ArtifactError):
                 raise
             raise ArtifactError(f"{directory / CONFIG_NAME} holds an invalid estimator, subspace or fingerprints entry ({err!r}).") from err
+        compression = None
+        if meta.get("compression"):  # the shards hold coefficients on the directions of the response basis file
+            try:
+                compression = CompressionConfig.from_dict(_entry(meta, "compression", dict))
+            except (TypeError, ValueError) as err:
+                if isinstance(err, ArtifactError):
+                    raise
+                raise ArtifactError(f"{directory / CONFIG_NAME} holds an invalid compression entry ({err!r}).") from err
+            basis_metadata, basis_tensors = _tensors(payload(BASIS_FILE), BASIS_FILE)
+            check_basis(basis_tensors, store.dim, meta.get("dim"), BASIS_FILE)
+            if not legacy and basis_metadata.get("coefficients_sha256") != store.rows_sha256():
+                raise ArtifactIntegrityError(
+                    f"{BASIS_FILE} was saved with other coefficients than this artifact's shards hold; the responses would be "
+                    "expanded on the wrong directions. Save the artifact again from its source, or rebuild it."
+                )
+            store = ProjectedResponses(store, basis_tensors["directions"], basis_tensors.get("singular_values"))
         expected = {"num_documents": len(documents), "dim": store.dim, "dtype": str(store.dtype).replace("torch.", "")}
         for key, value in expected.items():
             if key in meta and meta[key] != value:
@@ -589,6 +650,7 @@ class InfluenceArtifact:
                 base_model=meta.get("base_model"), simulation=meta.get("simulation"), fidelity=meta.get("fidelity"),
                 source_names=source_names, source_responses=source_responses, readout_basis=basis,
                 library_version=str(meta.get("library_version", "unknown")), path=directory, readout_basis_rows_sha256=basis_rows,
+                compression=compression,
             )
         except (TypeError, ValueError) as err:
             if isinstance(err, ArtifactError):

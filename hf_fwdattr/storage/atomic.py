@@ -34,7 +34,7 @@ PROGRESS_NAME = ".fwdattr-save-progress.json"
 """Present in a folder while a save into it is unfinished."""
 ARTIFACT_FILE_PATTERNS = [
     CONFIG_NAME, "documents.jsonl", "responses-*-of-*.safetensors", "responses.safetensors.index.json",
-    "source_responses.safetensors", "readout_basis.safetensors", "README.md", "*.tmp", ".fwdattr-*",
+    "source_responses.safetensors", "readout_basis.safetensors", "response_basis.safetensors", "README.md", "*.tmp", ".fwdattr-*",
 ]
 """Names a save may replace in an existing folder; a store of another kind adds its files' patterns here."""
 
