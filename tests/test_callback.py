@@ -142,13 +142,13 @@ def test_chunked_document_response_is_the_sum_of_its_chunks(base_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("solver", ["closed_form", "linearized", "unlearning"])
-def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solver):
+@pytest.mark.parametrize("solver, storage", [("closed_form", "exact"), ("linearized", "exact"), ("unlearning", "exact"), ("closed_form", "compressed")])
+def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solver, storage):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "distributed_finetune.py"), str(base_dir), str(out), solver],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "distributed_finetune.py"), str(base_dir), str(out),
+                          solver, storage], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "processes 2" in run.stdout
     two = InfluenceArtifact.from_pretrained(out / "influence")
@@ -161,7 +161,9 @@ def test_two_processes_give_the_single_process_artifact(base_dir, tmp_path, solv
     prepared = documents_from_dataset(dataset, max_length=model.config.max_position_embeddings)
     objective = two.simulation["objective"]  # the callback simulates Trainer's objective: the token mean of the NLL
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, reduction=objective["reduction"], tokens_per_example=objective["tokens_per_example"])
-    one = build_influence_artifact(model, task, prepared.documents, examples_from_dataset(dataset), tmp_path / "one", two.config, progress=False)
+    assert two.compressed == (storage == "compressed")
+    one = build_influence_artifact(model, task, prepared.documents, examples_from_dataset(dataset), tmp_path / "one", two.config, progress=False,
+                                   compression=two.compression or "exact")
     assert one.model_fingerprint == two.model_fingerprint and one.subspace_fingerprint == two.subspace_fingerprint
     assert one.step_size == two.step_size if solver == "unlearning" else one.step_size == pytest.approx(two.step_size, rel=1e-6)
     # each process estimates the eigenbasis itself, with its own thread count: float32 rounding differs slightly

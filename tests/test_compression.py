@@ -181,6 +181,14 @@ def test_gram_basis_is_the_top_of_the_svd():
     directions, _ = gram_basis(InMemoryResponses(rows[:, :1].repeat(1, 3)), max_rank=4, block_rows=7)
     assert directions.shape == (1, 3), "directions beyond the rank of the rows are dropped"
 
+    class BySlabs(InMemoryResponses):  # read in column slabs, as the first pass's shards are
+        def columns(self, lo, hi):
+            return self.tensor[:, lo:hi]
+
+    by_slabs, values = gram_basis(BySlabs(rows), max_rank=4, block_rows=7)
+    torch.testing.assert_close(values, expected_values[:4], rtol=1e-5, atol=0)
+    torch.testing.assert_close((by_slabs.double() @ vh[:4].T).abs(), torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+
 
 def test_automatic_storage_follows_the_size_and_is_recorded(caplog):
     config = CompressionConfig(max_exact_size="1MB")

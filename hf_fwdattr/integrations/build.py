@@ -137,7 +137,9 @@ def build_influence_artifact(
 def _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
                        max_shard_size, shard_rows, base_model, progress, gradient_method, compression) -> Optional[InfluenceArtifact]:
     # every process estimates the (deterministic) eigenbasis itself rather than receiving it
+    curvature_start, curvature_cpu = time.perf_counter(), time.process_time()
     eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
+    curvature = {"curvature_seconds": time.perf_counter() - curvature_start, "curvature_cpu_seconds": time.process_time() - curvature_cpu}
     step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
     compressed, reason = compression.compress(len(table), built.dim, config.torch_dtype)
     if processes.is_main:
@@ -162,7 +164,7 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
     if compressed:
         return _simulate_compressed_and_save(built, model, task, documents, table, train_examples, output_dir, staging, config, compression,
                                              processes, start, identity, inputs_sha256, step_size, top, eigenbasis, base_model, progress,
-                                             gradient_method)
+                                             gradient_method, curvature)
     if processes.is_main:
         writer = ShardWriter(staging, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=True, replace_foreign=True)
     processes.barrier()
@@ -199,7 +201,7 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
 
 def _simulate_compressed_and_save(built, model, task, documents, table, train_examples, output_dir, staging, config, compression, processes,
                                   start, identity, inputs_sha256, step_size, top, eigenbasis, base_model, progress,
-                                  gradient_method) -> Optional[InfluenceArtifact]:
+                                  gradient_method, curvature) -> Optional[InfluenceArtifact]:
     """The compressed build (`simulate_compressed`) in the staging folder, saved and swapped in like an exact one."""
     if processes.is_main and not (staging / PROGRESS_NAME).is_file():
         # marks the staging folder unfinished from the start, so an interrupted first pass is resumed, not discarded
@@ -215,7 +217,7 @@ def _simulate_compressed_and_save(built, model, task, documents, table, train_ex
             base_model=base_model or base_model_of(model), compression=compression,
             fidelity={f"compression_{k}": v for k, v in figures.items()},
             simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start,
-                        "processes": processes.world, "inputs_sha256": inputs_sha256},
+                        "processes": processes.world, "inputs_sha256": inputs_sha256, **curvature},
         )
         artifact.save_pretrained(output_dir)  # the work folder of the first pass is not kept: the save removes it
     processes.barrier()

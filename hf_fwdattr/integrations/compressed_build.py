@@ -17,6 +17,7 @@ nothing grows with N but the documents table and the held-out scores (bounded by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from ..query.compress import gram_basis, smallest_sufficient_rank, spearman_at_r
 from ..stats import pearson_rows, spearman_rows
 from ..storage.coefficients import ProjectedResponses, load_basis, project_responses, save_basis
 from ..storage.compression import CompressionConfig
-from ..storage.shards import ShardedResponses, ShardWriter
+from ..storage.shards import TENSOR_NAME, ShardedResponses, ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,25 @@ class DocumentPicker:
 
 
 class _RowRange:
-    """Rows [offset, offset + count) of a store, as a store of their own (for `gram_basis` / `spearman_at_ranks`)."""
+    """Rows [offset, offset + count) of the first pass's `ShardedResponses`, as a store of their own (for `gram_basis`
+    and `spearman_at_ranks`), readable by column slabs straight from the memory-mapped shards."""
 
-    def __init__(self, store, offset: int, count: int):
+    def __init__(self, store: ShardedResponses, offset: int, count: int):
         self.store, self.offset, self.num_rows, self.dim = store, offset, count, store.dim
 
     def rows(self, indices) -> torch.Tensor:
         return self.store.rows([self.offset + i for i in indices])
+
+    def columns(self, lo: int, hi: int) -> torch.Tensor:
+        """All rows, columns lo:hi: [count, hi − lo]."""
+        parts = []
+        first, last = self.offset, self.offset + self.num_rows
+        for shard, start in zip(self.store.shards, self.store.offsets):
+            begin, end = max(first, start), min(last, start + shard.rows)
+            if begin < end:
+                with safe_open(str(self.store.directory / shard.filename), framework="pt") as handle:
+                    parts.append(handle.get_slice(TENSOR_NAME)[begin - start : end - start, lo:hi])
+        return torch.cat(parts) if parts else torch.empty(0, hi - lo)
 
 
 def plan_documents(num_documents: int, compression: CompressionConfig, seed: int) -> dict[str, list[int]]:
@@ -119,7 +132,7 @@ def simulate_compressed(
     coefficient shards are written into `output_dir` (the build's staging folder, left marked unfinished) like exact
     response shards; the work folder inside it is removed by the artifact's save, which keeps only artifact files.
     """
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     output_dir, work = Path(output_dir), Path(output_dir) / WORK_NAME
     dim, chunk = subspace.dim, compression.chunk_rows(subspace.dim)
     picker = DocumentPicker(documents)
@@ -128,8 +141,11 @@ def simulate_compressed(
     fidelity_queries, test_queries = query_sets(train_examples, compression.queries, config.seed)
     show = progress and processes.is_main
 
+    # per-example gradients of at most `chunk` examples at a time too: memory stays within chunk_size whatever p is
+    chunk_config = dataclasses.replace(config, simulation_chunk_size=max(1, min(config.simulation_chunk_size, chunk)))
+
     def simulate(rows: Sequence[int]) -> torch.Tensor:
-        result = simulate_responses(subspace, task, picker.subset(rows), train_examples, config, step_size=step_size,
+        result = simulate_responses(subspace, task, picker.subset(rows), train_examples, chunk_config, step_size=step_size,
                                     gradient_method=gradient_method, eigenbasis=eigenbasis)
         return result.responses
 
@@ -154,7 +170,7 @@ def simulate_compressed(
             writer.finish({_IDENTITY_KEY: _digest(first_identity)})
         processes.barrier()
         first_store = ShardedResponses.open(work)
-    first_seconds = time.perf_counter() - start
+    first_seconds, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
 
     # ---- the basis and its rank (main process), then shared through the work folder
     figures: dict = {}
@@ -166,6 +182,7 @@ def simulate_compressed(
         if plan["validation"]:
             gradients = query_gradients(subspace, task, fidelity_queries, dtype=torch.float32).cpu()
             spearman_at = spearman_at_ranks(gradients, _RowRange(first_store, len(plan["sample"]), len(plan["validation"])), directions, chunk)
+            figures["validation_spearman_by_rank"] = {str(r): spearman_at(r) for r in _ranks_up_to(rank)}
             rank = smallest_sufficient_rank(spearman_at, rank, compression.fidelity)
             figures["validation_spearman"] = spearman_at(rank)
             if figures["validation_spearman"] < compression.fidelity:
@@ -182,7 +199,7 @@ def simulate_compressed(
     directions = basis["directions"]
 
     # ---- pass 2: every document projected as it is produced; exact scores of the held-out documents kept
-    second_start = time.perf_counter()
+    second_start, second_cpu = time.perf_counter(), time.process_time()
     coefficient_identity = {**identity, "basis_sha256": hashlib.sha256(directions.numpy().tobytes()).hexdigest()}
     dtype = config.torch_dtype
     if processes.is_main:
@@ -225,6 +242,7 @@ def simulate_compressed(
     figures.update({
         "rank": rank, "sample_documents": len(plan["sample"]), "validation_documents": len(plan["validation"]),
         "first_pass_seconds": first_seconds, "second_pass_seconds": time.perf_counter() - second_start,
+        "first_pass_cpu_seconds": first_cpu, "second_pass_cpu_seconds": time.process_time() - second_cpu,
         "queries": len(test_queries),
     })
     logger.info("Compressed responses: rank %d of p = %d from %d sampled documents; held-out Spearman %s on %d documents.",
@@ -266,6 +284,11 @@ def _heldout_fidelity(work: Path, shards: int, store: ProjectedResponses, gradie
         "heldout_spearman": float(spearman_rows(exact, approximate).nanmean()),
         "heldout_pearson": float(pearson_rows(exact, approximate).nanmean()),
     }
+
+
+def _ranks_up_to(rank: int) -> list[int]:
+    """1, 2, 4, ... and `rank` itself: where the validation curve is recorded."""
+    return sorted({2**i for i in range(rank.bit_length()) if 2**i <= rank} | {rank})
 
 
 def _format(value: Optional[float]) -> str:

@@ -5,6 +5,10 @@ streams the shards twice (sketch, then projection); C = U V is a third streamed 
 are then C (Vᵀ∇f_q): k tangent directions plus an N × k product. The rank is the smallest one whose
 scores keep `fidelity` (mean Spearman correlation with exact scores) on held-out queries; exact scores
 for that check come from backward passes, which is fine at training time.
+
+For compressed response storage (`integrations/compressed_build.py`) V must be fixed before the responses
+exist, from a sample of them: `gram_basis` takes it from the sample's n × n Gram matrix, so that memory is
+n² + k × p whatever p is, and `spearman_at_ranks` measures the fidelity of its ranks on other documents.
 """
 
 from __future__ import annotations
@@ -130,34 +134,48 @@ def gram_basis(store, max_rank: int, block_rows: int = 256, relative_tolerance: 
     """(V [k, p] float32 with orthonormal rows, singular values [k] float64): the top right singular vectors of the rows of
     `store` (n × p, n small: a sample of responses), k = min(`max_rank`, n, rank), from their n × n Gram matrix.
 
-    Memory: the n × n Gram matrix, two blocks of `block_rows` rows and V itself — never a p × (k + oversampling) sketch,
-    which is what matters when p is in the millions. Cost: n² p for the Gram matrix (blocks read (n / block_rows)² / 2
-    times) and n k p for V. The products run in float32 (accumulated in float64), so directions whose singular value is
-    below `relative_tolerance` × the largest — where the Gram matrix's rounding reaches them — are dropped, and V's rows
-    are orthonormalised once more at the end (in order: the first keeps its direction).
+    Memory: the n × n Gram matrix, one slab of the rows and V itself — never a p × (k + oversampling) sketch, which
+    is what matters when p is in the millions. A store with a `columns(lo, hi)` method (all n rows, columns lo:hi) is
+    read twice in column slabs of `block_rows` × p values (Gram matrix, then V); any other store is read in blocks of
+    `block_rows` rows, pairwise for the Gram matrix. Cost: n² p, then n k p. The products run in float32 (accumulated
+    in float64), so directions whose singular value is below `relative_tolerance` × the largest — where the Gram
+    matrix's rounding reaches them — are dropped, and V's rows are orthonormalised once more at the end (in order:
+    the first keeps its direction).
     """
-    n = store.num_rows
-    bounds = [(lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows)]
+    n, dim = store.num_rows, store.dim
     gram = torch.zeros(n, n, dtype=torch.float64)
-    for position, (lo, hi) in enumerate(bounds):
-        first = store.rows(range(lo, hi)).to(torch.float32)
-        for other_lo, other_hi in bounds[position:]:
-            second = first if other_lo == lo else store.rows(range(other_lo, other_hi)).to(torch.float32)
-            block = (first @ second.T).to(torch.float64)
-            gram[lo:hi, other_lo:other_hi] = block
-            gram[other_lo:other_hi, lo:hi] = block.T
+    width = max(1, block_rows * dim // max(n, 1))  # a column slab holds as many values as `block_rows` rows
+    slabs = [(lo, min(lo + width, dim)) for lo in range(0, dim, width)]
+    bounds = [(lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows)]
+    by_columns = hasattr(store, "columns")
+    if by_columns:
+        for lo, hi in slabs:
+            slab = store.columns(lo, hi).to(torch.float32)
+            gram += (slab @ slab.T).to(torch.float64)
+    else:
+        for position, (lo, hi) in enumerate(bounds):
+            first = store.rows(range(lo, hi)).to(torch.float32)
+            for other_lo, other_hi in bounds[position:]:
+                second = first if other_lo == lo else store.rows(range(other_lo, other_hi)).to(torch.float32)
+                block = (first @ second.T).to(torch.float64)
+                gram[lo:hi, other_lo:other_hi] = block
+                gram[other_lo:other_hi, lo:hi] = block.T
     eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues, vectors = eigenvalues.flip(0).clamp(min=0), vectors.flip(1)
     kept = int((eigenvalues > eigenvalues[0] * relative_tolerance**2).sum()) if n else 0
     rank = max(1, min(max_rank, kept))
     singular_values = eigenvalues[:rank].sqrt()
     weights = (vectors[:, :rank] / singular_values.clamp(min=torch.finfo(torch.float64).tiny)).to(torch.float32)  # V = Σ⁻¹ Wᵀ R
-    directions = torch.zeros(rank, store.dim, dtype=torch.float32)
-    for lo, hi in bounds:
-        directions += weights[lo:hi].T @ store.rows(range(lo, hi)).to(torch.float32)
+    directions = torch.zeros(rank, dim, dtype=torch.float32)
+    if by_columns:
+        for lo, hi in slabs:
+            directions[:, lo:hi] = weights.T @ store.columns(lo, hi).to(torch.float32)
+    else:
+        for lo, hi in bounds:
+            directions += weights[lo:hi].T @ store.rows(range(lo, hi)).to(torch.float32)
     overlap = (directions @ directions.T).to(torch.float64)  # ≈ I; L⁻¹ V makes it I (Cholesky: Gram–Schmidt in order)
     factor = torch.linalg.cholesky(overlap)
-    for lo in range(0, store.dim, 65_536):  # by column blocks: no float64 copy of V
+    for lo in range(0, dim, 65_536):  # by column blocks: no float64 copy of V
         block = directions[:, lo : lo + 65_536].to(torch.float64)
         directions[:, lo : lo + 65_536] = torch.linalg.solve_triangular(factor, block, upper=False).to(torch.float32)
     return directions, singular_values

@@ -1,7 +1,7 @@
 """LoRA fine-tune of the test base model with ForwardAttributionCallback; run under torchrun (2 CPU processes)
 or alone. Writes <output_dir>/influence and the adapter to <output_dir>/adapter.
 
-    torchrun --nproc_per_node 2 tests/scripts/distributed_finetune.py BASE_DIR OUTPUT_DIR [SOLVER]
+    torchrun --nproc_per_node 2 tests/scripts/distributed_finetune.py BASE_DIR OUTPUT_DIR [SOLVER] [compressed]
 """
 
 import sys
@@ -12,11 +12,16 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from hf_fwdattr import AttributionConfig, CausalLMTask, ForwardAttributionCallback
+from hf_fwdattr import AttributionConfig, CausalLMTask, CompressionConfig, ForwardAttributionCallback
 from hf_fwdattr.demo.toy import fact_corpus
 
 
-def main(base_dir: str, output_dir: str, solver: str = "closed_form") -> None:
+# compressed responses: two processes share out both passes (a few documents per shard) and one builds the basis
+COMPRESSED = CompressionConfig(storage="compressed", sample_documents=6, validation_documents=2, heldout_documents=3, max_rank=4, queries=2,
+                               shard_documents=3, chunk_size=4 * 2 * 2048)
+
+
+def main(base_dir: str, output_dir: str, solver: str = "closed_form", storage: str = "exact") -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
@@ -26,6 +31,7 @@ def main(base_dir: str, output_dir: str, solver: str = "closed_form") -> None:
     callback = ForwardAttributionCallback(
         document_column="document_id", source_column="source", max_shard_size=2 * 4 * 2048,  # a few documents per shard
         config=AttributionConfig(solver=solver, damping=1e-2, horizon=8, batch_size=4),
+        compression=COMPRESSED if storage == "compressed" else "exact",
     )
     args = TrainingArguments(output_dir=output_dir, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=5e-3,
                              save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)
@@ -38,4 +44,4 @@ def main(base_dir: str, output_dir: str, solver: str = "closed_form") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
