@@ -76,6 +76,9 @@ def test_streaming_compression_equals_projecting_the_exact_responses(built, lm_t
     gradients = query_gradients(subspace, lm_task, queries, dtype=torch.float64)
     expected = (gradients @ directions.T) @ coefficients.T
     torch.testing.assert_close(scores, expected, atol=1e-4 * expected.abs().max(), rtol=0)
+    per_token = ArtifactScorer(compressed, model, lm_task).document_token_scores(queries)  # the pipeline's per_token path
+    torch.testing.assert_close(per_token.total.double(), expected, atol=1e-4 * expected.abs().max(), rtol=0)
+    torch.testing.assert_close(per_token.tokens.sum(dim=1).double(), expected, atol=1e-4 * expected.abs().max(), rtol=0)
     # source sums: the projection of each source's summed exact response
     for position, name in enumerate(compressed.source_names):
         rows = [i for i, s in enumerate(documents.sources) if s == name]
@@ -239,7 +242,7 @@ def test_gradient_checkpointing_leaves_the_responses_unchanged(tmp_path, lm_task
     documents, examples = _documents(12)
     config = AttributionConfig(damping=1e-2, horizon=20, batch_size=6)
     plain = build_influence_artifact(model, lm_task, documents, examples, tmp_path / "plain", config, progress=False)
-    model.base_model.model.gradient_checkpointing_enable()
+    model.base_model.model.activation_checkpointing_enable()
     model.train()  # as the Trainer leaves it; the simulation runs in eval mode whatever the flags
     checkpointed = build_influence_artifact(model, lm_task, documents, examples, tmp_path / "checkpointed", config, progress=False)
     torch.testing.assert_close(checkpointed.responses(), plain.responses(), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ readout is nonlinear in u_b, so there a source's score is the sum of its documen
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -53,21 +53,27 @@ class ArtifactScorer:
         self.use_basis = use_basis and self.linear and (artifact.readout_basis is not None or artifact.compressed)
         self.chunk_rows = chunk_rows
 
+    def _basis(self) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+        """(directions [k, p], coefficient blocks [·, k] in row order): of the compressed responses, or of the readout basis."""
+        if self.artifact.compressed:
+            store = self.artifact.store
+            return store.directions, store.iter_coefficients(self.chunk_rows)  # streamed: memory flat in N
+        basis = self.artifact.readout_basis
+        return basis["directions"], iter([basis["coefficients"]])
+
+    def _through_basis(self, projected: torch.Tensor) -> torch.Tensor:
+        """[..., N]: `projected` [..., k] (∇f_qᵀ v_j) times every document's coefficients."""
+        out = torch.empty(*projected.shape[:-1], self.artifact.num_documents, dtype=projected.dtype, device=projected.device)
+        row = 0
+        for block in self._basis()[1]:
+            out[..., row : row + len(block)] = projected @ block.to(projected.device, projected.dtype).T
+            row += len(block)
+        return out
+
     def document_scores(self, queries: Sequence[Any]) -> torch.Tensor:
         """[n_queries, n_documents] scores; positive = proponent."""
-        if self.use_basis and self.artifact.compressed:
-            store = self.artifact.store
-            projected = self.readout.scores(queries, store.directions)  # [Q, k]: ∇f_qᵀ v_j
-            out = torch.empty(len(projected), store.num_rows, dtype=projected.dtype, device=projected.device)
-            row = 0
-            for block in store.iter_coefficients(self.chunk_rows):  # [·, k]: streamed, memory flat in N
-                out[:, row : row + len(block)] = projected @ block.to(projected.device, projected.dtype).T
-                row += len(block)
-            return out
         if self.use_basis:
-            basis = self.artifact.readout_basis
-            projected = self.readout.scores(queries, basis["directions"])  # [Q, k]: ∇f_qᵀ v_j
-            return projected @ basis["coefficients"].to(projected.device, projected.dtype).T
+            return self._through_basis(self.readout.scores(queries, self._basis()[0]))  # k directions, whatever N is
         artifact = self.artifact
         return self.readout.scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents)
 
@@ -75,10 +81,8 @@ class ArtifactScorer:
         """Per-token document scores ([n_queries, n_tokens, n_documents]) and their sum ([n_queries, n_documents]),
         from one readout; `base_values` as in `ForwardReadout.token_scores`."""
         if self.use_basis:
-            basis = self.artifact.readout_basis
-            projected = self.readout.token_scores(queries, basis["directions"], base_values=base_values)
-            coefficients = basis["coefficients"].to(projected.total.device, projected.total.dtype).T
-            return TokenScores(total=projected.total @ coefficients, tokens=projected.tokens @ coefficients)
+            projected = self.readout.token_scores(queries, self._basis()[0], base_values=base_values)
+            return TokenScores(total=self._through_basis(projected.total), tokens=self._through_basis(projected.tokens))
         artifact = self.artifact
         return self.readout.token_scores(queries, artifact.iter_responses(self.chunk_rows), num_directions=artifact.num_documents,
                                          base_values=base_values)
