@@ -82,7 +82,8 @@ def main() -> None:
     gradients = {name: query_gradients(subspace, task, queries) for name, queries in (("fact", fact_queries), ("training", train_queries))}
     coefficients = artifact.store.coefficients.rows(heldout).to(torch.float32)
     # the artifact's scores ∇f_qᵀVᵀc_b with ∇f_q by backward passes; the forward readout gives the same (checked on the fact queries)
-    through_gradients = {name: (g @ artifact.store.directions.T) @ coefficients.T for name, g in gradients.items()}
+    basis = artifact.store.directions.to(torch.float32)
+    through_gradients = {name: (g @ basis.T) @ coefficients.T for name, g in gradients.items()}
     if args.fidelity_only:
         compressed = through_gradients
     else:
@@ -106,11 +107,11 @@ def main() -> None:
         for name, g in gradients.items():
             exact[name].append(g @ responses.T)
             for r in ranks:  # the same exact responses through the first r directions of the stored basis
-                directions = artifact.store.directions[:r]
+                directions = basis[:r]
                 by_rank[name].setdefault(r, []).append((g @ directions.T) @ (responses @ directions.T).T)
         if artifact.compressed:  # the build's coefficients are the projection of these very responses
             stored = artifact.store.coefficients.rows(heldout[lo : lo + 128])
-            projected = responses @ artifact.store.directions.T
+            projected = responses @ basis.T
             differences.append(float((stored - projected).abs().max() / projected.abs().max()))
     result["stored_vs_recomputed_coefficients_max_relative_difference"] = max(differences) if differences else None
     result["exact_seconds"] = time.perf_counter() - start

@@ -178,6 +178,7 @@ def simulate_compressed(
         basis_start = time.perf_counter()
         sample = _RowRange(first_store, 0, len(plan["sample"]))
         directions, singular_values = gram_basis(sample, compression.max_rank, block_rows=chunk)
+        directions = directions.to(compression.torch_basis_dtype)  # rounded once: every figure and coefficient uses the stored V
         rank = directions.shape[0]
         if plan["validation"]:
             gradients = query_gradients(subspace, task, fidelity_queries, dtype=torch.float32).cpu()
@@ -200,7 +201,7 @@ def simulate_compressed(
 
     # ---- pass 2: every document projected as it is produced; exact scores of the held-out documents kept
     second_start, second_cpu = time.perf_counter(), time.process_time()
-    coefficient_identity = {**identity, "basis_sha256": hashlib.sha256(directions.numpy().tobytes()).hexdigest()}
+    coefficient_identity = {**identity, "basis_sha256": hashlib.sha256(directions.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()}
     dtype = config.torch_dtype
     if processes.is_main:
         writer = ShardWriter(output_dir, coefficient_identity, len(documents), rank, dtype, shard_rows=compression.shard_documents, create=True,
@@ -278,7 +279,7 @@ def _heldout_fidelity(work: Path, shards: int, store: ProjectedResponses, gradie
     if len(rows_all) < 2:
         return {"heldout_documents": int(len(rows_all))}
     exact = torch.cat(scores, dim=1).to(torch.float64)
-    approximate = ((gradients @ directions.T) @ store.coefficients.rows(rows_all.tolist()).to(torch.float32).T).to(torch.float64)
+    approximate = ((gradients @ directions.to(torch.float32).T) @ store.coefficients.rows(rows_all.tolist()).to(torch.float32).T).to(torch.float64)
     return {
         "heldout_documents": int(len(rows_all)),
         "heldout_spearman": float(spearman_rows(exact, approximate).nanmean()),

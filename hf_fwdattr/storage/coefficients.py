@@ -35,7 +35,7 @@ class ProjectedResponses:
 
     Args:
         coefficients: a row store of the coefficients ([N, k]: `ShardedResponses`, `InMemoryResponses`, ...).
-        directions: V, [k, p], orthonormal rows.
+        directions: V, [k, p], orthonormal rows (kept in their stored dtype; every product runs in float32 or wider).
         singular_values: [k], of the sample V was taken from (recorded, not used by the readout).
     """
 
@@ -79,9 +79,9 @@ class ProjectedResponses:
             self.coefficients.close()
 
     def _expand(self, block: torch.Tensor, device=None) -> torch.Tensor:
-        directions = self.directions.to(device or block.device)
         work = torch.promote_types(block.dtype, torch.float32)
-        return (block.to(directions.device, work) @ directions.to(work)).to(self.dtype)
+        directions = self.directions.to(device or block.device, work)
+        return (block.to(directions.device, work) @ directions).to(self.dtype)
 
     def iter_chunks(self, chunk_rows: int = 4096, device: Union[str, torch.device, None] = None) -> Iterator[torch.Tensor]:
         """Yield the projected responses Vᵀ c_b, `chunk_rows` at a time, in row order."""
