@@ -61,7 +61,8 @@ class CompressionConfig:
     )
     queries: int = field(default=32, metadata={"help": "Queries (training examples) in each of the two query sets: rank choice, recorded fidelity."})
     chunk_size: Union[int, str] = field(
-        default="512MB", metadata={"help": "Memory for the responses simulated at once while streaming (rows = this // (p × 4))."}
+        default="256MB", metadata={"help": "Memory for the responses simulated at once while streaming (rows = this // (p × 4)); the "
+                  "per-example gradients and the filter take a few times this."}
     )
     shard_documents: int = field(default=4096, metadata={"help": "Documents per coefficient shard (the unit of resumption and of work per process)."})
     basis_dtype: str = field(
