@@ -43,7 +43,17 @@ PRESETS = {
     # ≥ 20M parameters, LoRA on all linear layers (p ≈ 6e5), N = 10⁴: the run of benchmarks/RESULTS.md, issue 18
     "full": Preset(name="full", hidden=512, layers=8, intermediate=1408, heads=8, kv_heads=4, documents=10_000, small_documents=1_000,
                    pretraining_documents=4_000, lora_rank=8,
-                   compression=dict(storage="auto", max_rank=512, sample_documents=2048, validation_documents=512, heldout_documents=1024)),
+                   compression=dict(storage="auto", max_rank=512, sample_documents=3072, validation_documents=512, heldout_documents=1024)),
+    # what 2 shared CPU cores finish in about an hour and a half (issue 18's run when "full" cannot finish): ~10M
+    # parameters (not 20M), LoRA on all linear layers (p ≈ 3.3e5), N = 10⁴, the same documents and plan as "full"
+    "mid": Preset(name="mid", hidden=384, layers=6, intermediate=1024, heads=6, kv_heads=3, documents=10_000, small_documents=1_000,
+                  pretraining_documents=4_000, lora_rank=8,
+                  compression=dict(storage="auto", max_rank=512, sample_documents=2048, validation_documents=512, heldout_documents=1024)),
+    # the small model at N = 10⁴ (and 10³ in its memory step): peak RSS of the build as N grows 10× at fixed p
+    "small10k": Preset(name="small10k", hidden=128, layers=2, intermediate=352, heads=4, kv_heads=2, documents=10_000, small_documents=1_000,
+                       pretraining_documents=1_000, lora_rank=8,
+                       compression=dict(storage="compressed", max_rank=128, sample_documents=256, validation_documents=128,
+                                        heldout_documents=256)),
     # the full model on 3,000 documents with the largest basis: how fidelity grows with the rank (chooses max_rank for "full")
     "probe": Preset(name="probe", hidden=512, layers=8, intermediate=1408, heads=8, kv_heads=4, documents=3_000, small_documents=300,
                     pretraining_documents=4_000, lora_rank=8,
