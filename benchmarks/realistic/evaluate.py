@@ -64,8 +64,11 @@ def main() -> None:
 
     preset = setting.PRESETS[args.preset]
     model, tok = setting.fine_tuned(preset)
-    task = CausalLMTask(pad_token_id=tok.pad_token_id)
     artifact = InfluenceArtifact.from_pretrained(setting.cache(preset) / "finetune" / "influence")
+    # the objective the callback simulated (Trainer's: the token mean of the NLL), as the artifact records it
+    objective = artifact.simulation.get("objective") or {}
+    task = CausalLMTask(pad_token_id=tok.pad_token_id, reduction=objective.get("reduction", "sum"),
+                        tokens_per_example=objective.get("tokens_per_example"))
     rows, _ = setting.documents(preset, tok)
     examples = [{"input_ids": r["input_ids"]} for r in rows]
     plan = plan_documents(len(rows), artifact.compression or CompressionConfig(), artifact.config.seed)
