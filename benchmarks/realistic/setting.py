@@ -49,11 +49,12 @@ PRESETS = {
     "mid": Preset(name="mid", hidden=384, layers=6, intermediate=1024, heads=6, kv_heads=3, documents=10_000, small_documents=1_000,
                   pretraining_documents=4_000, lora_rank=8,
                   compression=dict(storage="auto", max_rank=512, sample_documents=2048, validation_documents=512, heldout_documents=1024)),
-    # the small model at N = 10⁴ (and 10³ in its memory step): peak RSS of the build as N grows 10× at fixed p
+    # the small model at N = 10⁴ (and 10³ in its memory step): peak RSS of the build as N grows 10× at fixed p; the
+    # chunk (what the build holds at once) fewer rows than either N, else the N = 10³ build holds smaller blocks
     "small10k": Preset(name="small10k", hidden=128, layers=2, intermediate=352, heads=4, kv_heads=2, documents=10_000, small_documents=1_000,
                        pretraining_documents=1_000, lora_rank=8,
                        compression=dict(storage="compressed", max_rank=128, sample_documents=256, validation_documents=128,
-                                        heldout_documents=256)),
+                                        heldout_documents=256, chunk_size="64MB")),  # 448 rows a chunk: fewer than both N
     # the full model on 3,000 documents with the largest basis: how fidelity grows with the rank (chooses max_rank for "full")
     "probe": Preset(name="probe", hidden=512, layers=8, intermediate=1408, heads=8, kv_heads=4, documents=3_000, small_documents=300,
                     pretraining_documents=4_000, lora_rank=8,
