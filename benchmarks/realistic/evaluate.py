@@ -1,6 +1,6 @@
 """Compressed against exact scores on held-out documents, and the per-query cost of the readout, in a fresh process.
 
-    python -m benchmarks.realistic.evaluate --preset full [--heldout 512]
+    python -m benchmarks.realistic.evaluate --preset full [--heldout 256]
 
 Held-out documents: documents of the artifact that neither fixed its basis (sample) nor chose its rank (validation),
 a seeded subset of `--heldout`. Their exact responses are simulated again here (the same closed form, eigenbasis and
@@ -48,7 +48,7 @@ def _agreement(exact: torch.Tensor, approximate: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full")
-    parser.add_argument("--heldout", type=int, default=512)
+    parser.add_argument("--heldout", type=int, default=256, help="held-out documents whose exact responses are simulated again")
     parser.add_argument("--fidelity-only", action="store_true",
                         help="compressed scores from query gradients (backward) instead of the forward readout, and no timings")
     args = parser.parse_args()
