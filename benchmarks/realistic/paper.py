@@ -107,7 +107,7 @@ def estimate(model: Architecture, n: int, gpus: int, calibration: Calibration) -
     readout_directions = 3 * model.forward_flops_per_token * TOKENS_PER_QUERY / GPU_FLOPS  # one JVP ≈ 3 forwards
     return {
         "p": p, "epoch_s": epoch, "simulation_s": simulation, "ratio": simulation / epoch,
-        "exact_bytes": 4.0 * n * p, "compressed_bytes": 4.0 * (n * k + k * p + SOURCES * p),
+        "exact_bytes": 4.0 * n * p, "compressed_bytes": 4.0 * (n * k + SOURCES * p) + 2.0 * k * p,  # the basis in float16 (the default)
         "query_compressed_s": k * readout_directions + 2.0 * n * k / GPU_FLOPS,
         "query_exact_s": n * readout_directions,
         "ekfac_gb": 4.0 * model.ekfac_floats() * 2 / 1e9,  # factors and their eigenvectors, float32
@@ -140,7 +140,7 @@ def table(calibration: Calibration) -> str:
         "FLOPs per token; an epoch = N × tokens × 3 forwards (LoRA: no weight gradients of the base). Calibrated by the realistic "
         f"run (CPU): the simulation's document passes cost {calibration.document_pass:.2f}× the epoch per document, the EK-FAC "
         f"estimate {calibration.curvature:.2f}× an epoch over its {CURVATURE_EXAMPLES:,} examples; k = {calibration.rank} "
-        f"(the run's rank), a first pass of {calibration.sample:,} documents, {SOURCES} sources. 8 GPUs: `accelerate launch` shares the "
+        f"(the run's rank; the basis stored in float16, coefficients and source sums in float32), a first pass of {calibration.sample:,} documents, {SOURCES} sources. 8 GPUs: `accelerate launch` shares the "
         "documents out; every process estimates the EK-FAC eigenbasis itself (as `build_influence_artifact` does today).",
         "",
         "| model | params | p (LoRA r=16) | EK-FAC factors + eigenvectors (fp32) | N | GPUs | epoch | simulation | simulation / epoch | exact responses | compressed artifact | per query, compressed (k JVPs) | per query, exact (N JVPs) |",
