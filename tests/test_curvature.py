@@ -107,3 +107,23 @@ def test_a_gauss_newton_of_few_rows_is_decomposed_through_its_gram_matrix():
     for factor in (horizon_filter(0.05, 3000, 1e-3), horizon_filter(0.05, None, 1e-2)):
         torch.testing.assert_close(low_rank.filter(vectors, factor), dense.filter(vectors, factor), rtol=1e-9, atol=1e-9)
     assert low_rank.max_eigenvalue == pytest.approx(dense.max_eigenvalue) and low_rank.min_eigenvalue == 0.0
+
+
+@pytest.mark.parametrize("kind", ["explicit", "kronecker"])
+def test_an_eigenbasis_state_rebuilds_the_same_filter(kind, lm_task):
+    """What a multi-process build broadcasts from the main process: tensors only, rebuilt on each process's subspace."""
+    from conftest import make_lm
+
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, eigenbasis_from_state, eigenbasis_state, horizon_filter
+
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    train = lm_examples(12, seed=2)
+    if kind == "explicit":
+        basis = ExplicitEigenbasis.estimate(subspace, lm_task, train, "ggn", 6)
+    else:
+        basis = KroneckerEigenbasis.estimate(subspace, lm_task, train, 6)
+    rebuilt = eigenbasis_from_state(eigenbasis_state(basis), AttributionSubspace.build(model, **kwargs))
+    vectors = torch.randn(3, subspace.dim, generator=torch.Generator().manual_seed(0))
+    factor = horizon_filter(0.1, 300, 1e-3)
+    torch.testing.assert_close(rebuilt.filter(vectors, factor), basis.filter(vectors, factor), rtol=0, atol=0)

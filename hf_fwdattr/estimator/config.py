@@ -32,18 +32,22 @@ class Solver(str, Enum):
     """Nonlinear: K Adam steps from θ* that ascend L_b and descend `unlearning_retain` × the minibatch loss (document b
     unlearned, the rest kept); u_b = θ* − θ_K, the finite response to removing b, with the sign of an up-weighting.
     Read out with readout='removal'. Uses `horizon`, `unlearning_rate`, `unlearning_retain`, `batch_size` and `seed`;
-    not the damping, curvature or step size of the influence recursion."""
+    not the damping, curvature or step size of the influence recursion. Adam normalises every coordinate's step, so
+    ‖u_b‖ ≈ K · unlearning_rate · √p for every document: the response's direction carries the attribution, its size
+    does not (it is not a first-order influence)."""
 
 
 class Eigenbasis(str, Enum):
     """Where the closed-form solver gets the curvature's eigenbasis."""
 
     AUTO = "auto"
-    """`explicit` when the subspace has at most `explicit_max_dim` coordinates, else `kronecker`."""
+    """`explicit` when the subspace has at most `explicit_max_dim` coordinates, else `kronecker`; logged with the reason."""
     EXPLICIT = "explicit"
-    """The full [p, p] curvature matrix, eigendecomposed: exact, for small subspaces."""
+    """The full [p, p] curvature matrix, eigendecomposed: exact, for small subspaces. The GGN is built from per-example
+    output Jacobians (one backward pass per output-curvature factor), the Hessian from p curvature-vector products."""
     KRONECKER = "kronecker"
-    """Per-layer Kronecker-factored eigenbases with eigenvalue correction (EK-FAC), GGN only."""
+    """Per-layer Kronecker-factored eigenbases with eigenvalue correction (EK-FAC), GGN only: an approximation (layers
+    independent, Kronecker factors, sampled labels), padded positions left out of the factors."""
 
 
 class Curvature(str, Enum):

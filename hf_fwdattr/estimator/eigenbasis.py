@@ -185,24 +185,8 @@ class KroneckerEigenbasis:
     def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, seed: int = 0,
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> "KroneckerEigenbasis":
         """Two passes over `examples`: Kronecker factors (then their eigenbases), then eigenvalue corrections."""
-        owners = linear_owners(subspace)
-        if owners is None:
-            raise TaskError(
-                "eigenbasis='kronecker' needs every subspace parameter to be the weight or bias of an nn.Linear "
-                "(LoRA and projection adapters are); use eigenbasis='explicit' or another solver for this subspace."
-            )
-        offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
-        layers = []
-        for module, names in owners.items():
-            weight_name = names.get("weight")
-            if weight_name is None:
-                raise TaskError("eigenbasis='kronecker' needs the weight of every linear layer whose bias is in the subspace.")
-            d_out, d_in = module.weight.shape
-            extra = 1 if "bias" in names else 0
-            layers.append(_Layer(module, offsets[weight_name], offsets.get(names.get("bias")), (d_out, d_in),
-                                 torch.zeros(d_in + extra, d_in + extra, dtype=dtype, device=subspace.device),
-                                 torch.zeros(d_out, d_out, dtype=dtype, device=subspace.device)))
-        basis = cls(layers)
+        basis = cls(_layers(subspace, dtype))
+        layers = basis.layers
         generator = torch.Generator(device=subspace.device).manual_seed(seed)
         sampled = lambda model, batch: task.sampled_loss_from_outputs(task.outputs(model, batch), batch, generator)  # noqa: E731
         batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
@@ -274,6 +258,52 @@ class KroneckerEigenbasis:
             filtered = q_out @ (rotated * factor(layer.eigenvalues.to(gradients.device, torch.float64)).to(gradients.dtype)) @ q_in.T
             layer.write(out, filtered)
         return out
+
+
+def _layers(subspace: AttributionSubspace, dtype: torch.dtype) -> list[_Layer]:
+    """One empty `_Layer` (zero factors) per linear layer of the subspace, in parameter order."""
+    owners = linear_owners(subspace)
+    if owners is None:
+        raise TaskError(
+            "eigenbasis='kronecker' needs every subspace parameter to be the weight or bias of an nn.Linear "
+            "(LoRA and projection adapters are); use eigenbasis='explicit' or another solver for this subspace."
+        )
+    offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
+    layers = []
+    for module, names in owners.items():
+        weight_name = names.get("weight")
+        if weight_name is None:
+            raise TaskError("eigenbasis='kronecker' needs the weight of every linear layer whose bias is in the subspace.")
+        d_out, d_in = module.weight.shape
+        extra = 1 if "bias" in names else 0
+        layers.append(_Layer(module, offsets[weight_name], offsets.get(names.get("bias")), (d_out, d_in),
+                             torch.zeros(d_in + extra, d_in + extra, dtype=dtype, device=subspace.device),
+                             torch.zeros(d_out, d_out, dtype=dtype, device=subspace.device)))
+    return layers
+
+
+def eigenbasis_state(basis) -> dict:
+    """The tensors an eigenbasis is made of (no module references), to send to other processes: `eigenbasis_from_state`
+    rebuilds it on their own copy of the subspace, so that every process filters with the main process's estimate."""
+    if isinstance(basis, ExplicitEigenbasis):
+        return {"kind": "explicit", "eigenvalues": basis.eigenvalues.cpu(), "eigenvectors": basis.eigenvectors.cpu(),
+                "complement": basis.complement, "seconds": basis.seconds}
+    return {"kind": "kronecker", "layers": [{"input_basis": layer.input_basis.cpu(), "output_basis": layer.output_basis.cpu(),
+                                             "eigenvalues": layer.eigenvalues.cpu()} for layer in basis.layers]}
+
+
+def eigenbasis_from_state(state: dict, subspace: AttributionSubspace):
+    """Inverse of `eigenbasis_state`, on `subspace` (the same description as the one the state was made on)."""
+    device = subspace.device
+    if state["kind"] == "explicit":
+        return ExplicitEigenbasis(state["eigenvalues"].to(device), state["eigenvectors"].to(device), state["seconds"], state["complement"])
+    layers = _layers(subspace, state["layers"][0]["eigenvalues"].dtype)
+    if len(layers) != len(state["layers"]):
+        raise TaskError(f"The eigenbasis was made for {len(state['layers'])} linear layers; this subspace has {len(layers)}.")
+    for layer, tensors in zip(layers, state["layers"]):
+        layer.input_basis, layer.output_basis = tensors["input_basis"].to(device), tensors["output_basis"].to(device)
+        layer.eigenvalues = tensors["eigenvalues"].to(device)
+    return KroneckerEigenbasis(layers)
 
 
 def _gram(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

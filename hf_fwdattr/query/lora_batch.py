@@ -271,7 +271,7 @@ class LoRABatchEngine:
             if not _applies(module, layer.adapter):
                 continue
             if any(_has_variant(module, name) for name in module.active_adapters if name in module.lora_A):
-                raise ReadoutError(f"A layer with the subspace's adapter also runs a LoRA variant (DoRA, LoRA bias, ...) of another active "
+                raise ReadoutError("A layer with the subspace's adapter also runs a LoRA variant (DoRA, LoRA bias, ...) of another active "
                                    "adapter; the batched JVP writes out plain LoRA layers only. Use engine='functional'.")
             a_weight, b_weight = module.lora_A[layer.adapter].weight, module.lora_B[layer.adapter].weight
             # views of the block (no copies for a contiguous one): a_dᵀ [copies, in, r], b_dᵀ [copies, r, out]
