@@ -127,3 +127,24 @@ def test_an_eigenbasis_state_rebuilds_the_same_filter(kind, lm_task):
     vectors = torch.randn(3, subspace.dim, generator=torch.Generator().manual_seed(0))
     factor = horizon_filter(0.1, 300, 1e-3)
     torch.testing.assert_close(rebuilt.filter(vectors, factor), basis.filter(vectors, factor), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "llama"])
+def test_the_sketched_ggn_is_an_unbiased_estimate(architecture):
+    """Averaged over independent sketches, the sketched GGN converges to the exact one (error shrinking like 1/√S)."""
+    if architecture == "mlp":
+        inputs, labels = noisy_classification(n=23, dim=4, classes=3, seed=3)
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        task, examples, subspace = ClassificationTask(), [(inputs[i], labels[i]) for i in range(23)], None
+        subspace = AttributionSubspace.build(model, "trainable")
+    else:
+        model = _lm_with_lora("llama")
+        task, examples = CausalLMTask(pad_token_id=0, reduction="mean"), lm_examples(9, seed=4)
+        subspace = AttributionSubspace.build(model, "peft")
+    exact = exact_ggn(subspace, task, examples, batch_size=5)
+    errors = []
+    for samples in (4, 64):
+        estimate = exact_ggn(subspace, task, examples, batch_size=5, samples=samples, seed=samples)
+        errors.append(float((estimate - exact).norm() / exact.norm()))
+    assert errors[1] < errors[0] / 2 and errors[1] < 0.3

@@ -41,9 +41,9 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
     """Rows a = J_iᵀ c of every example of `batch` ([B, p] per backward pass), with Σ aᵀa = Σ_i J_iᵀ (∇²_y ℓ_i) J_i.
 
     Exact (`samples` None): one backward pass per factor slot of `task.output_curvature` (position, factor); rows of
-    examples without a factor in a slot are zero. Sketched (`samples` = S): S passes, each with the cotangent
-    Σ_slots ξ f / √S per example (ξ = ±1, seeded): the sum of aᵀa is then an unbiased estimate, whatever the number
-    of slots — S backward passes per batch instead of positions × factors.
+    examples without a factor in a slot are zero. Sketched (`samples` = S): S passes with the random cotangents of
+    `task.sketched_output_curvature` (seeded by `generator`): the sum of aᵀa is then an unbiased estimate, whatever
+    the number of slots — S backward passes per batch instead of positions × factors.
     """
     owners = linear_owners(subspace)
     if owners is None:
@@ -55,22 +55,30 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
         if output.requires_grad:
             calls.append((module, args[0].detach(), output))
 
-    function = TaskFunction(subspace, lambda model, b: task.output_curvature(model, b))
+    if samples is None:
+        function = TaskFunction(subspace, lambda model, b: task.output_curvature(model, b))
+    else:
+        function = TaskFunction(subspace, lambda model, b: task.sketched_output_curvature(model, b, samples, generator))
     handles = [module.register_forward_hook(record) for module in owners]
     try:
         with evaluation_mode(subspace.model), differentiable_attention(subspace.model, forward_mode=False), torch.enable_grad():
-            outputs, factors = function.with_parameters(leaf_parameters(subspace, delta), batch)
+            outputs, curvature = function.with_parameters(leaf_parameters(subspace, delta), batch)
     finally:
         for handle in handles:
             handle.remove()
-    if outputs.dim() != 3 or factors.dim() != 4 or factors.shape[:2] != outputs.shape[:2] or factors.shape[3] != outputs.shape[2]:
-        raise TaskError(f"output_curvature must return outputs [B, positions, D] and factors [B, positions, K, D]; got "
-                        f"{tuple(outputs.shape)} and {tuple(factors.shape)}.")
+    if outputs.dim() != 3:
+        raise TaskError(f"output_curvature must return outputs of shape [B, positions, D]; got {tuple(outputs.shape)}.")
+    if samples is None:
+        if curvature.dim() != 4 or curvature.shape[:2] != outputs.shape[:2] or curvature.shape[3] != outputs.shape[2]:
+            raise TaskError(f"output_curvature must return factors [B, positions, K, D] for outputs {tuple(outputs.shape)}; "
+                            f"got {tuple(curvature.shape)}.")
+        cotangents = _slots(outputs, curvature.detach())
+    else:
+        cotangents = curvature  # the task's iterator of sketched cotangents
     n = outputs.shape[0]
     offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
-    factors = factors.detach()
     tensors = [output for _, _, output in calls]
-    for cotangent in _cotangents(outputs, factors, samples, generator):
+    for cotangent in cotangents:
         grads = torch.autograd.grad(outputs, tensors, cotangent, retain_graph=True, allow_unused=True)
         rows = torch.zeros(n, subspace.dim, dtype=dtype, device=subspace.device)
         for (module, inputs, _), grad in zip(calls, grads):
@@ -88,17 +96,13 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
         yield rows
 
 
-def _cotangents(outputs: torch.Tensor, factors: torch.Tensor, samples: Optional[int], generator) -> Iterator[torch.Tensor]:
-    if samples is None:
-        present = factors.abs().amax(dim=(0, 3)) > 0  # [positions, K]: slots some example has a factor in
-        for position, k in present.nonzero().tolist():
-            cotangent = torch.zeros_like(outputs)
-            cotangent[:, position] = factors[:, position, k]
-            yield cotangent
-        return
-    for _ in range(samples):
-        signs = torch.randint(0, 2, factors.shape[:3], generator=generator, device="cpu").to(factors.device, factors.dtype) * 2 - 1
-        yield torch.einsum("bpk,bpkd->bpd", signs, factors) / samples**0.5
+def _slots(outputs: torch.Tensor, factors: torch.Tensor) -> Iterator[torch.Tensor]:
+    """One cotangent per (position, factor) slot that some example has a factor in."""
+    present = factors.abs().amax(dim=(0, 3)) > 0  # [positions, K]
+    for position, k in present.nonzero().tolist():
+        cotangent = torch.zeros_like(outputs)
+        cotangent[:, position] = factors[:, position, k]
+        yield cotangent
 
 
 @dataclass

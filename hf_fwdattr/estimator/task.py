@@ -8,7 +8,7 @@ once a task describes it.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,22 @@ class AttributionTask:
         hessian = _output_hessian(lambda z: self.loss_from_outputs(z.reshape(outputs.shape), batch), flat.detach())
         return flat[:, None, :], _psd_factors(hessian)[:, None]
 
+    def sketched_output_curvature(self, model: nn.Module, batch: Any, samples: int, generator: torch.Generator) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+        """The outputs y (as in `output_curvature`) and `samples` random cotangents c_s ([B, positions, D] each) with
+        E[Σ_s c_s c_sᵀ] = ∇²_y ℓ per example and position: S backward passes then estimate the GGN without bias,
+        however many factors the exact curvature has. The default draws ±1 combinations of `output_curvature`'s
+        factors (independent per position), divided by √S.
+        """
+        outputs, factors = self.output_curvature(model, batch)
+        factors = factors.detach()
+
+        def draws() -> Iterator[torch.Tensor]:
+            for _ in range(samples):
+                signs = _rademacher(factors.shape[:3], generator).to(factors.device, factors.dtype)
+                yield torch.einsum("bpk,bpkd->bpd", signs, factors) / samples**0.5
+
+        return outputs, draws()
+
     @property
     def supports_output_curvature(self) -> bool:
         """Whether `output_curvature` can run (it needs `outputs` and `loss_from_outputs`)."""
@@ -139,6 +155,11 @@ def _psd_factors(matrices: torch.Tensor, relative_floor: float = 1e-10) -> torch
     floor = relative_floor * values[..., :1].clamp_min(0)
     scale = torch.where(values > floor, values, torch.zeros_like(values)).sqrt()
     return (vectors * scale[..., None, :]).transpose(-1, -2).to(matrices.dtype)
+
+
+def _rademacher(shape: Sequence[int], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """±1 entries, float64, drawn on the CPU from `generator` (reproducible whatever the device)."""
+    return torch.randint(0, 2, tuple(shape), generator=generator).to(torch.float64) * 2 - 1
 
 
 def _to_tensor(values: Any) -> torch.Tensor:
@@ -338,6 +359,23 @@ class CausalLMTask(AttributionTask):
         weights = self._example_weights(scored).sqrt()[:, None, None, None]  # the loss of example i is scaled by w_i
         factors = _psd_factors(curvature) * scored[..., None, None] * weights
         return features, factors.to(features.dtype)
+
+    def sketched_output_curvature(self, model: nn.Module, batch: dict, samples: int, generator: torch.Generator) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+        """The logits and cotangents c = √p ⊙ ξ − p (√p · ξ) per scored token (ξ = ±1): E[c cᵀ] = diag p − p pᵀ, the
+        cross-entropy curvature, at the cost of a vocabulary-sized vector — no factorisation, any output head."""
+        batch = _batch_to(batch, _model_device(model))
+        logits = self.outputs(model, batch)[:, :-1]
+        probabilities = torch.softmax(logits.detach().double(), dim=-1)
+        root = probabilities.sqrt()
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.device)
+        scale = (self._example_weights(scored).sqrt()[:, None] * scored)[..., None] / samples**0.5
+
+        def draws() -> Iterator[torch.Tensor]:
+            for _ in range(samples):
+                signed = root * _rademacher(root.shape, generator).to(root.device)
+                yield ((signed - probabilities * signed.sum(dim=-1, keepdim=True)) * scale).to(logits.dtype)
+
+        return logits, draws()
 
     @property
     def supports_output_curvature(self) -> bool:
