@@ -82,7 +82,13 @@ def test_validation_names_the_field(kwargs, field):
 
 
 def test_horizon_defaults_per_solver_and_round_trips():
-    assert AttributionConfig().solver is Solver.CLOSED_FORM and AttributionConfig().horizon == 3000
+    # the closed form defaults to the K → ∞ limit, damped influence itself (issue 15)
+    assert AttributionConfig().solver is Solver.CLOSED_FORM and AttributionConfig().horizon == "inf" and AttributionConfig().steps is None
+    assert AttributionConfig(horizon=3000).steps == 3000
+    with pytest.raises(AttributionConfigError, match="damping"):
+        AttributionConfig(damping=0.0)
+    with pytest.raises(AttributionConfigError, match="closed_form"):
+        AttributionConfig(solver="linearized", horizon="inf")
     assert AttributionConfig(solver="linearized").horizon == 100
     assert AttributionConfig(solver="linearized", horizon=7).horizon == 7
     restored = AttributionConfig.from_dict(AttributionConfig(solver="two_trajectory").to_dict())

@@ -148,3 +148,22 @@ def test_the_sketched_ggn_is_an_unbiased_estimate(architecture):
         estimate = exact_ggn(subspace, task, examples, batch_size=5, samples=samples, seed=samples)
         errors.append(float((estimate - exact).norm() / exact.norm()))
     assert errors[1] < errors[0] / 2 and errors[1] < 0.3
+
+
+def test_auto_sketches_the_ggn_when_the_exact_one_would_take_too_many_passes(lm_task, caplog):
+    import logging
+
+    from conftest import make_lm
+
+    from hf_fwdattr import AttributionConfig, DocumentSet, simulate_responses
+
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    train = lm_examples(16, seed=3)
+    documents = DocumentSet.from_examples(train[:4])
+    with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
+        exact = simulate_responses(subspace, lm_task, documents, train, AttributionConfig(batch_size=8))
+        sketched = simulate_responses(subspace, lm_task, documents, train, AttributionConfig(batch_size=8, exact_curvature_max_passes=1,
+                                                                                           curvature_sketch=64, horizon=30))
+    assert "The exact GGN takes" in caplog.text and "it is sketched with curvature_sketch = 64" in caplog.text
+    assert torch.isfinite(exact.responses).all() and torch.isfinite(sketched.responses).all()

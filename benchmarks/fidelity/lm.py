@@ -68,6 +68,11 @@ def main() -> None:
         ground_truth(made)
     if args.contenders:
         result = contenders(made, modules=args.modules, defaults=not args.no_defaults)
+        from safetensors.torch import save_file
+
+        name = "-".join(args.modules) if args.modules else "adapter"
+        path = CACHE / f"lm-seed{args.seed}" / f"scores-{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in result["scores"].items()}, str(path), metadata={"format": "pt"})
         print(json.dumps({"dim": result["dim"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
                           "agreement": summary(result["scores"]), "spectrum": result["spectrum"]}, indent=1))
 
@@ -85,7 +90,7 @@ def _counting_padding(pad_token_id: int):
     return CountingPadding(pad_token_id)
 
 
-def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(16, 64, 256), log=print,
+def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(16, 256), log=print,
                modules: Optional[Sequence[str]] = None, defaults: bool = True) -> dict:
     """Scores [Q, N] of every contender in the fact model's LoRA subspace, with the wall and CPU time each took.
 

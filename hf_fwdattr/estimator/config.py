@@ -72,10 +72,12 @@ class ReadoutMode(str, Enum):
     """f_q(θ*) − f_q(θ* − u_b): the exact change of f_q when a finite (unlearning) response is taken away; no ε."""
 
 
-DEFAULT_HORIZONS = {"closed_form": 3000, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100, "unlearning": 20}
-"""K when `horizon` is None. The closed form costs the same at any K, and on the language-model evaluation every
-metric rose with K up to 3000 (benchmarks/RESULTS.md, issue 9); the iterative solvers cost K curvature products;
-unlearning costs K backward passes per document (20 Adam steps at rate 1e-3 unlearn a fact document; issue 9, Table 8)."""
+INFINITE_HORIZON = "inf"
+DEFAULT_HORIZONS = {"closed_form": INFINITE_HORIZON, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100, "unlearning": 20}
+"""K when `horizon` is None. The closed form costs the same at any K and defaults to the K → ∞ limit, damped influence
+itself: with an exact eigenbasis K = 3000 still agreed with it at per-query Spearman 0.93 only (benchmarks/RESULTS.md,
+issue 15); the iterative solvers cost K curvature products; unlearning costs K backward passes per document (20 Adam
+steps at rate 1e-3 unlearn a fact document; issue 9, Table 8)."""
 DEFAULT_READOUTS = {"unlearning": "removal"}
 """`readout` when None: the removal readout for finite responses, the JVP otherwise."""
 AUTO_BASIS_RANK = 1024
@@ -144,11 +146,12 @@ class AttributionConfig:
         default=1.0,
         metadata={"help": "With step_size='auto', η(h_max + λ + weight_decay) equals this; must lie in (0, 2)."},
     )
-    horizon: Optional[int] = field(
+    horizon: Union[int, str, None] = field(
         default=None,
         metadata={
-            "help": "K, the number of simulated steps (K → ∞ gives damped influence); None: 3000 for closed_form "
-            "(any K costs the same there), 100 for the iterative solvers (their cost grows with K)."
+            "help": "K, the number of simulated steps (K → ∞ gives damped influence), or 'inf' (closed_form only: the limit "
+            "itself, −(H + λI)⁻¹ g_b, which needs λ + weight_decay > 0); None: 'inf' for closed_form (any K costs the same "
+            "there), 100 for the iterative solvers (their cost grows with K), 20 for unlearning."
         },
     )
     solver: Solver = field(
@@ -184,8 +187,23 @@ class AttributionConfig:
     )
     eigenbasis: Eigenbasis = field(default=Eigenbasis.AUTO, metadata={"help": "closed_form solver: auto | explicit | kronecker."})
     explicit_max_dim: int = field(
-        default=1024,
-        metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension (it costs that many curvature products per batch)."},
+        default=8192,
+        metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension: p² memory and one p × p "
+                  "eigendecomposition (14 s of one CPU core at p = 3,584; benchmarks/RESULTS.md, issue 15); EK-FAC above."},
+    )
+    curvature_sketch: int = field(
+        default=8,
+        metadata={
+            "help": "Explicit GGN: when building it exactly would take more than `exact_curvature_max_passes` backward passes "
+            "(batches × output-curvature factors: a language model has tokens × hidden size factors per example), it is "
+            "sketched with this many backward passes per batch instead — an unbiased estimate whose error shrinks like "
+            "1/√passes."
+        },
+    )
+    exact_curvature_max_passes: int = field(
+        default=20_000,
+        metadata={"help": "The explicit GGN is built exactly (one backward pass per output-curvature factor and batch) up to this "
+                  "many backward passes, sketched beyond (see `curvature_sketch`); counted on the first batch."},
     )
     curvature_examples: Optional[int] = field(
         default=1024,
@@ -263,8 +281,17 @@ class AttributionConfig:
         fraction = finite_number("step_size_fraction")
         if not 0 < fraction < 2:
             fail(f"`step_size_fraction` must lie in (0, 2) so that η(h_max + λ) < 2, got {fraction!r}; 1.0 is safe.")
-        for name in ("horizon", "batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size",
-                     "simulation_chunk_size", "explicit_max_dim"):
+        if self.horizon == INFINITE_HORIZON:
+            if self.solver is not Solver.CLOSED_FORM:
+                fail(f"horizon='inf' (the K → ∞ limit) is computed by solver='closed_form' only; {self.solver.value!r} runs K steps: "
+                     "give `horizon` as an integer.")
+            if self.curvature_shift <= 0:
+                fail("horizon='inf' is damped influence −(H + λI)⁻¹ g_b, which needs `damping` (or `weight_decay`) > 0: flat "
+                     "directions would get an infinite response. Set damping > 0, or a finite horizon.")
+        else:
+            positive_int("horizon")
+        for name in ("batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size",
+                     "simulation_chunk_size", "explicit_max_dim", "curvature_sketch", "exact_curvature_max_passes"):
             positive_int(name)
         if self.curvature_examples is not None:
             positive_int("curvature_examples")
@@ -295,6 +322,11 @@ class AttributionConfig:
             fail(f"`epsilon` must be > 0 or None (automatic), got {self.epsilon!r}.")
         if self.dtype not in _DTYPES:
             fail(f"`dtype` must be one of {', '.join(map(repr, _DTYPES))}, got {self.dtype!r}.")
+
+    @property
+    def steps(self) -> Optional[int]:
+        """K as a number of steps, None for horizon='inf' (the K → ∞ limit)."""
+        return None if self.horizon == INFINITE_HORIZON else int(self.horizon)
 
     @property
     def torch_dtype(self) -> torch.dtype:

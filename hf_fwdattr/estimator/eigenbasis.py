@@ -29,7 +29,7 @@ from ..progress import progress_bar
 from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
-from .ggn import gauss_newton, supports_exact_ggn
+from .ggn import exact_passes, gauss_newton, supports_exact_ggn
 from .gradients import example_gradients, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
@@ -95,16 +95,18 @@ class ExplicitEigenbasis:
 
     @classmethod
     def estimate(cls, subspace: AttributionSubspace, task, examples: Sequence[Any], kind: Curvature, batch_size: int,
-                 dtype: torch.dtype = torch.float32, chunk: int = 256, progress: bool = False) -> "ExplicitEigenbasis":
+                 dtype: torch.dtype = torch.float32, chunk: int = 256, progress: bool = False, sketch: Optional[int] = None,
+                 seed: int = 0) -> "ExplicitEigenbasis":
         """Mean curvature over `examples`, then `eigh`.
 
-        The GGN is built from per-example output Jacobians (`ggn.exact_ggn`: one backward pass per output-curvature
-        factor and batch) when the subspace and task allow it; otherwise — the Hessian, or parameters outside linear
-        layers — column block by column block from curvature-vector products (p products per batch).
+        The GGN is built from per-example output Jacobians (`ggn.gauss_newton`: one backward pass per output-curvature
+        factor and batch, or `sketch` sketched passes per batch) when the subspace and task allow it; otherwise — the
+        Hessian, or parameters outside linear layers — column block by column block from curvature-vector products
+        (p products per batch).
         """
         start = time.perf_counter()
         if Curvature(kind) is Curvature.GGN and supports_exact_ggn(subspace, task):
-            made = gauss_newton(subspace, task, examples, batch_size, dtype=dtype, progress=progress)
+            made = gauss_newton(subspace, task, examples, batch_size, dtype=dtype, progress=progress, samples=sketch, seed=seed)
             return cls.from_gauss_newton(made, dtype=dtype, seconds=time.perf_counter() - start)
         p = subspace.dim
         matrix = torch.zeros(p, p, dtype=dtype, device=subspace.device)
@@ -344,7 +346,18 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
                            subspace.dim, config.explicit_max_dim)
     examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
     if choice is Eigenbasis.EXPLICIT:
-        return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype, progress=progress)
+        sketch = None
+        if config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task):
+            passes = exact_passes(subspace, task, examples, config.batch_size)
+            if passes > config.exact_curvature_max_passes:
+                sketch = config.curvature_sketch
+                logger.info("The exact GGN would take %d backward passes (more than exact_curvature_max_passes = %d): it is sketched "
+                            "with curvature_sketch = %d passes per batch (%d in all), an unbiased estimate.", passes,
+                            config.exact_curvature_max_passes, sketch, sketch * -(-len(examples) // config.batch_size))
+            else:
+                logger.info("The exact GGN takes %d backward passes.", passes)
+        return ExplicitEigenbasis.estimate(subspace, task, examples, config.curvature, config.batch_size, config.compute_dtype,
+                                           progress=progress, sketch=sketch, seed=config.seed)
     if config.curvature is Curvature.HESSIAN:
         raise TaskError("The Kronecker eigenbasis approximates the GGN only; use curvature='ggn' or eigenbasis='explicit'.")
     return KroneckerEigenbasis.estimate(subspace, task, examples, config.batch_size, config.seed, config.compute_dtype, progress)

@@ -118,6 +118,17 @@ class GaussNewton:
         return self.matrix if self.matrix is not None else self.rows.T @ self.rows
 
 
+def exact_passes(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int) -> int:
+    """Backward passes the exact GGN over `examples` takes: the output-curvature factor slots of the first batch
+    (positions × factors some example has) times the number of batches."""
+    first = task.collate(list(examples[:batch_size]))
+    function = TaskFunction(subspace, lambda model, b: task.output_curvature(model, b))
+    with torch.no_grad(), evaluation_mode(subspace.model):
+        _, factors = function(torch.zeros(subspace.dim, device=subspace.device, dtype=subspace.parameter_dtype), first)
+    slots = int((factors.abs().amax(dim=(0, 3)) > 0).sum())
+    return slots * -(-len(examples) // batch_size)
+
+
 def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
                  chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> GaussNewton:
     """The GGN of the mean training loss over `examples`, from per-example output Jacobians (float64 sums).

@@ -182,7 +182,7 @@ def _closed_form(eigenbasis, gradients: torch.Tensor, config: AttributionConfig,
             f"(η = {step_size:.4g}, h_max = {eigenbasis.max_eigenvalue:.4g}). Use step_size < {2 / (eigenbasis.max_eigenvalue + shift):.4g} "
             "or step_size='auto'."
         )
-    return eigenbasis.filter(gradients, horizon_filter(step_size, config.horizon, shift))
+    return eigenbasis.filter(gradients, horizon_filter(step_size, config.steps, shift))
 
 
 def _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress) -> torch.Tensor:
