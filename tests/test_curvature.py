@@ -167,3 +167,31 @@ def test_auto_sketches_the_ggn_when_the_exact_one_would_take_too_many_passes(lm_
                                                                                            curvature_sketch=64, horizon=30))
     assert "The exact GGN takes" in caplog.text and "it is sketched with curvature_sketch = 64" in caplog.text
     assert torch.isfinite(exact.responses).all() and torch.isfinite(sketched.responses).all()
+
+
+def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few_rows(caplog):
+    """A classifier with more coordinates than explicit_max_dim but few GGN rows (examples × outputs): 'auto' still
+    takes the exact eigenbasis (through the rows' Gram matrix) — the same responses as eigenbasis='explicit' — and
+    EK-FAC only when the rows are too many too."""
+    import logging
+
+    from hf_fwdattr import AttributionConfig, DocumentSet, simulate_responses
+
+    inputs, labels = noisy_classification(n=16, dim=4, classes=3, seed=5)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()  # p = 67
+    examples = [(inputs[i], labels[i]) for i in range(len(labels))]
+    documents = DocumentSet.from_examples(examples[:5])
+    task = ClassificationTask()
+    subspace = AttributionSubspace.build(model, "trainable")
+    assert subspace.dim == 67
+    settings = dict(batch_size=4, dtype="float64", curvature_examples=None)
+    with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
+        auto = simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=64, **settings))
+    assert "its rows' 48 × 48 Gram matrix" in caplog.text
+    explicit = simulate_responses(subspace, task, documents, examples, AttributionConfig(eigenbasis="explicit", **settings))
+    torch.testing.assert_close(auto.responses, explicit.responses, rtol=1e-8, atol=1e-10)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
+        simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=40, **settings))
+    assert "Kronecker-factored (EK-FAC)" in caplog.text

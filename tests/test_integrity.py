@@ -681,3 +681,13 @@ def test_an_artifact_of_format_1_loads_with_a_warning_and_is_upgraded_by_saving(
     legacy.save_pretrained(tmp_path / "old")
     assert json.loads((tmp_path / "old" / CONFIG_NAME).read_text())["format_version"] == 2
     InfluenceArtifact.from_pretrained(tmp_path / "old", verify=True)
+
+
+def test_the_resume_identity_tolerates_a_re_estimated_step_size_in_its_last_bits():
+    """η is re-estimated (a power iteration) when a build resumes; another thread count may change its last bits, which
+    must not throw the simulated shards away, while a different η must."""
+    from hf_fwdattr.integrations.build import _identity_float
+
+    assert _identity_float(0.123456789012) == _identity_float(0.123456789012 * (1 + 1e-12))
+    assert _identity_float(0.123456789012) != _identity_float(0.123456789012 * (1 + 1e-4))
+    assert _identity_float(None) is None

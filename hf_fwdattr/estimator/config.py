@@ -41,7 +41,8 @@ class Eigenbasis(str, Enum):
     """Where the closed-form solver gets the curvature's eigenbasis."""
 
     AUTO = "auto"
-    """`explicit` when the subspace has at most `explicit_max_dim` coordinates, else `kronecker`; logged with the reason."""
+    """`explicit` when its memory and eigendecomposition stay within `explicit_max_dim` (p <= explicit_max_dim, or an exact GGN
+    with at most that many rows), else `kronecker`; logged with the reason."""
     EXPLICIT = "explicit"
     """The full [p, p] curvature matrix, eigendecomposed: exact, for small subspaces. The GGN is built from per-example
     output Jacobians (one backward pass per output-curvature factor), the Hessian from p curvature-vector products."""
@@ -189,7 +190,9 @@ class AttributionConfig:
     explicit_max_dim: int = field(
         default=8192,
         metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension: p² memory and one p × p "
-                  "eigendecomposition (14 s of one CPU core at p = 3,584; benchmarks/RESULTS.md, issue 15); EK-FAC above."},
+                  "eigendecomposition (14 s of one CPU core at p = 3,584; benchmarks/RESULTS.md, issue 15); also beyond it when the "
+                  "exact GGN has at most this many rows R (R·p memory, an R × R eigendecomposition: classifiers with few outputs); "
+                  "EK-FAC otherwise."},
     )
     curvature_sketch: int = field(
         default=8,

@@ -322,33 +322,22 @@ def _offsets(numels: list[int]) -> list[tuple[int, int]]:
 
 
 def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Sequence[Any], config: AttributionConfig, progress: bool = False):
-    """The eigenbasis `config` asks for (explicit or Kronecker), on `config.curvature_examples` training examples."""
+    """The eigenbasis `config` asks for (explicit or Kronecker), on `config.curvature_examples` training examples.
+
+    `eigenbasis='auto'` takes the explicit (exact) eigenbasis when its memory and eigendecomposition stay within
+    `explicit_max_dim`: p <= explicit_max_dim (a p × p matrix), or an exact GGN of R <= explicit_max_dim rows with
+    R·p <= explicit_max_dim² (kept as its rows, decomposed through the R × R Gram matrix: a classifier with few
+    outputs); EK-FAC beyond. The choice and its reason are logged.
+    """
+    examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
+    exact_ggn = config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task)
+    passes = exact_passes(subspace, task, examples, config.batch_size) if exact_ggn else None
     choice = config.eigenbasis
     if choice is Eigenbasis.AUTO:
-        choice = Eigenbasis.EXPLICIT if subspace.dim <= config.explicit_max_dim else Eigenbasis.KRONECKER
-        if choice is Eigenbasis.KRONECKER and linear_owners(subspace) is None:
-            raise TaskError(
-                f"The closed-form solver needs an eigenbasis: this subspace has {subspace.dim:,} coordinates, more than "
-                f"explicit_max_dim = {config.explicit_max_dim:,}, so eigenbasis='auto' chose 'kronecker' (EK-FAC), which needs "
-                "every subspace parameter to be the weight or bias of an nn.Linear (LoRA and projection adapters are). "
-                "Use a LoRA or projection subspace, solver='linearized', or raise explicit_max_dim (the explicit eigenbasis "
-                "costs one curvature product per coordinate and batch, and p² memory)."
-            )
-        if choice is Eigenbasis.EXPLICIT:
-            how = ("exact GGN from per-example output Jacobians" if config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task)
-                   else f"exact {config.curvature.value} from curvature-vector products")
-            logger.info("eigenbasis='auto': explicit eigenbasis (%s), since the subspace's %d coordinates are at most explicit_max_dim = %d.",
-                        how, subspace.dim, config.explicit_max_dim)
-        else:
-            logger.warning("eigenbasis='auto': the subspace has %d coordinates, more than explicit_max_dim = %d, so the closed form runs in "
-                           "the Kronecker-factored (EK-FAC) eigenbasis — an approximation of the GGN (per-layer blocks, Kronecker "
-                           "factors). Raise explicit_max_dim (p² memory, an eigendecomposition of p × p) for the exact curvature.",
-                           subspace.dim, config.explicit_max_dim)
-    examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
+        choice = _auto_eigenbasis(subspace, config, passes, len(examples))
     if choice is Eigenbasis.EXPLICIT:
         sketch = None
-        if config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task):
-            passes = exact_passes(subspace, task, examples, config.batch_size)
+        if passes is not None:
             if passes > config.exact_curvature_max_passes:
                 sketch = config.curvature_sketch
                 logger.info("The exact GGN would take %d backward passes (more than exact_curvature_max_passes = %d): it is sketched "
@@ -361,6 +350,35 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     if config.curvature is Curvature.HESSIAN:
         raise TaskError("The Kronecker eigenbasis approximates the GGN only; use curvature='ggn' or eigenbasis='explicit'.")
     return KroneckerEigenbasis.estimate(subspace, task, examples, config.batch_size, config.seed, config.compute_dtype, progress)
+
+
+def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, passes: Optional[int], n_examples: int) -> Eigenbasis:
+    """`eigenbasis='auto'`'s choice for this subspace (see `estimate_eigenbasis`), logged with its reason."""
+    dim, limit = subspace.dim, config.explicit_max_dim
+    if dim <= limit:
+        how = "exact GGN from per-example output Jacobians" if passes is not None else f"exact {config.curvature.value} from curvature-vector products"
+        logger.info("eigenbasis='auto': explicit eigenbasis (%s), since the subspace's %d coordinates are at most explicit_max_dim = %d.",
+                    how, dim, limit)
+        return Eigenbasis.EXPLICIT
+    batches = -(-n_examples // config.batch_size)
+    rows = None if passes is None else passes // batches * n_examples  # an upper bound: slots × examples
+    if rows is not None and passes <= config.exact_curvature_max_passes and rows <= limit and rows * dim <= limit * limit:
+        logger.info("eigenbasis='auto': explicit eigenbasis (the exact GGN, of rank at most %d: its rows' %d × %d Gram matrix is "
+                    "decomposed), since it has at most explicit_max_dim = %d rows.", rows, rows, rows, limit)
+        return Eigenbasis.EXPLICIT
+    if linear_owners(subspace) is None:
+        raise TaskError(
+            f"The closed-form solver needs an eigenbasis: this subspace has {dim:,} coordinates, more than "
+            f"explicit_max_dim = {limit:,}, so eigenbasis='auto' chose 'kronecker' (EK-FAC), which needs "
+            "every subspace parameter to be the weight or bias of an nn.Linear (LoRA and projection adapters are). "
+            "Use a LoRA or projection subspace, solver='linearized', or raise explicit_max_dim (the explicit eigenbasis "
+            "takes p² memory and an eigendecomposition of p × p)."
+        )
+    logger.warning("eigenbasis='auto': the subspace has %d coordinates, more than explicit_max_dim = %d, so the closed form runs in "
+                   "the Kronecker-factored (EK-FAC) eigenbasis — an approximation of the GGN (per-layer blocks, Kronecker "
+                   "factors). Raise explicit_max_dim (p² memory, an eigendecomposition of p × p) for the exact curvature.",
+                   dim, limit)
+    return Eigenbasis.KRONECKER
 
 
 def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:

@@ -22,7 +22,7 @@ from ..errors import ArtifactError
 from ..estimator.config import AttributionConfig, Solver
 from ..estimator.curvature import estimate_step_size
 from ..estimator.documents import DocumentSet
-from ..estimator.eigenbasis import estimate_eigenbasis
+from ..estimator.eigenbasis import eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis
 from ..estimator.gradients import query_gradients
 from ..estimator.simulate import simulate_responses
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
@@ -136,9 +136,8 @@ def build_influence_artifact(
 
 def _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
                        max_shard_size, shard_rows, base_model, progress, gradient_method, compression) -> Optional[InfluenceArtifact]:
-    # every process estimates the (deterministic) eigenbasis itself rather than receiving it
     curvature_start, curvature_cpu = time.perf_counter(), time.process_time()
-    eigenbasis = estimate_eigenbasis(built, task, train_examples, config, progress and processes.is_main) if config.solver is Solver.CLOSED_FORM else None
+    eigenbasis = _shared_eigenbasis(built, task, train_examples, config, processes, progress) if config.solver is Solver.CLOSED_FORM else None
     curvature = {"curvature_seconds": time.perf_counter() - curvature_start, "curvature_cpu_seconds": time.process_time() - curvature_cpu}
     step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
     compressed, reason = compression.compress(len(table), built.dim, config.torch_dtype)
@@ -148,7 +147,7 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
     # what decides the rows: settings, the task's objective, each document's tokens, the training examples and η
     identity = {**shard_identity(settings, table.document_ids, document_digests(documents)),
                 "task": task.describe() if hasattr(task, "describe") else {"task": type(task).__qualname__},
-                "train_examples_sha256": content_digest(train_examples), "step_size": step_size}
+                "train_examples_sha256": content_digest(train_examples), "step_size": _identity_float(step_size)}
     inputs_sha256 = content_digest(identity)
     dtype = config.torch_dtype
     existing = _finished_artifact(output_dir, settings, table, inputs_sha256)
@@ -222,6 +221,21 @@ def _simulate_compressed_and_save(built, model, task, documents, table, train_ex
         artifact.save_pretrained(output_dir)  # the work folder of the first pass is not kept: the save removes it
     processes.barrier()
     return artifact
+
+
+def _shared_eigenbasis(built, task, train_examples, config: AttributionConfig, processes: _Processes, progress: bool):
+    """The main process estimates the eigenbasis and sends it to the others, so every process filters with the same one
+    (an estimate on each process could differ in its last bits: thread counts, devices, kernels)."""
+    if processes.world == 1:
+        return estimate_eigenbasis(built, task, train_examples, config, progress)
+    state = eigenbasis_state(estimate_eigenbasis(built, task, train_examples, config, progress)) if processes.is_main else None
+    return eigenbasis_from_state(processes.broadcast(state), built)
+
+
+def _identity_float(value: Optional[float], digits: int = 6) -> Optional[float]:
+    """`value` to `digits` significant digits: what a resumed build re-estimates (η from a power iteration) may differ in
+    its last bits on another machine or thread count, and must still resume into the same shards."""
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 def heldout_queries(train_examples: Sequence[Any], seed: int, count: int = 32) -> list:
