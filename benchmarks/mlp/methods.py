@@ -38,6 +38,7 @@ from hf_fwdattr import (
     query_gradients,
     simulate_responses,
 )
+from hf_fwdattr.estimator.eigenbasis import horizon_filter
 
 TASK = ClassificationTask(measurement="margin")
 
@@ -49,7 +50,8 @@ def examples(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> list:
 
 @dataclass
 class ExplicitCurvature:
-    """Explicit curvature of the mean training cross-entropy at θ* and its eigen-decomposition."""
+    """Explicit curvature of the mean training cross-entropy at θ* and its eigen-decomposition, by plain autograd: a
+    reference computed independently of the library's `ExplicitEigenbasis`."""
 
     matrix: torch.Tensor
     eigenvalues: torch.Tensor
@@ -90,12 +92,10 @@ def explicit_curvatures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     return {"hessian": ExplicitCurvature.of(hessian.detach()), "ggn": ExplicitCurvature.of(ggn.detach())}
 
 
-def horizon_filter(eigenvalues: torch.Tensor, damping: float, step_size: Optional[float], horizon: Optional[int]) -> torch.Tensor:
-    """Response factor per eigen-direction: −(1 − (1 − η(h+λ))^K)/(h+λ), or −1/(h+λ) for K = None (exact)."""
-    shifted = eigenvalues + damping
-    if horizon is None:
-        return -1.0 / shifted
-    return -(1 - (1 - step_size * shifted) ** horizon) / shifted
+def filter_factors(eigenvalues: torch.Tensor, damping: float, step_size: Optional[float], horizon: Optional[int]) -> torch.Tensor:
+    """Response factor per eigendirection, the library's `horizon_filter` (−1/(h+λ) for horizon None) on this
+    benchmark's independently computed eigenvalues."""
+    return horizon_filter(step_size or 0.0, horizon, damping)(eigenvalues)
 
 
 class EigenScorer:

@@ -26,7 +26,7 @@ from hf_fwdattr.evaluation.metrics import lds, leave_one_out, split_half_ceiling
 from . import costs
 from .ensemble import module_from, train_ensemble
 from .ground_truth import CACHE, lds_outputs, load_or_generate, loo_effects_per_seed
-from .methods import TASK, EigenScorer, TrakRunner, examples, explicit_curvatures, gradient_dot, gradients, horizon_filter, run_ours
+from .methods import TASK, EigenScorer, TrakRunner, examples, explicit_curvatures, filter_factors, gradient_dot, gradients, run_ours
 from .settings import SETTINGS, load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,10 +123,10 @@ def run_setting(setting, args) -> dict:
     # ---- exact damped influence (explicit matrix), λ on validation
     exact_choice = {}
     for kind, scorer in scorers.items():
-        grid = [(validation_lds(scorer, horizon_filter(scorer.curvature.eigenvalues, m * wd, None, None)), m) for m in DAMPING_MULTIPLES[kind]]
+        grid = [(validation_lds(scorer, filter_factors(scorer.curvature.eigenvalues, m * wd, None, None)), m) for m in DAMPING_MULTIPLES[kind]]
         best_val, multiple = max(grid)
         exact_choice[kind] = multiple * wd
-        factors = horizon_filter(scorer.curvature.eigenvalues, multiple * wd, None, None)
+        factors = filter_factors(scorer.curvature.eigenvalues, multiple * wd, None, None)
         record(f"exact influence ({kind})", scorer.scores(factors), damping=multiple * wd, validation_lds=best_val,
                sweep={str(m): v for v, m in grid})
 
@@ -139,7 +139,7 @@ def run_setting(setting, args) -> dict:
             for m in DAMPING_MULTIPLES[kind]:
                 for fraction in STEP_FRACTIONS if horizon > 1 else (1.0,):
                     eta = fraction / (top + m * wd)
-                    grid.append((validation_lds(scorer, horizon_filter(scorer.curvature.eigenvalues, m * wd, eta, horizon)), m, fraction, eta))
+                    grid.append((validation_lds(scorer, filter_factors(scorer.curvature.eigenvalues, m * wd, eta, horizon)), m, fraction, eta))
             best = max(grid)
             chosen[(kind, horizon)] = {"damping": best[1] * wd, "step_fraction": best[2], "step_size": best[3], "validation_lds": best[0]}
 
@@ -167,7 +167,7 @@ def run_setting(setting, args) -> dict:
                 out["methods"][name] = {"error": str(err), **choice}
                 log(f"[{setting.name}] {name}: {err}")
                 continue
-            closed = scorers[kind].scores(horizon_filter(scorers[kind].curvature.eigenvalues, choice["damping"], choice["step_size"], horizon), slice(n_val, None))
+            closed = scorers[kind].scores(filter_factors(scorers[kind].curvature.eigenvalues, choice["damping"], choice["step_size"], horizon), slice(n_val, None))
             if subset:
                 closed = closed[:, evaluator.loo_points]
                 deviation = float(np.linalg.norm(result.scores - closed) / max(np.linalg.norm(closed), 1e-300))
