@@ -62,16 +62,20 @@ def main() -> None:
     parser.add_argument("--contenders", action="store_true", help="Score every contender and print their agreement with exact influence.")
     parser.add_argument("--modules", nargs="*", help="Restrict the subspace to the adapter's A/B of these projections (e.g. q_proj v_proj).")
     parser.add_argument("--no-defaults", action="store_true", help="Leave out the library defaults (whatever 'auto' picks).")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="With --contenders: score the library defaults only, into the scores saved by an earlier run (after a change of defaults).")
     args = parser.parse_args()
     made = setup(args.seed)
     if args.ground_truth:
         ground_truth(made)
     if args.contenders:
-        result = contenders(made, modules=args.modules, defaults=not args.no_defaults)
-        from safetensors.torch import save_file
+        from safetensors.torch import load_file, save_file
 
         name = "-".join(args.modules) if args.modules else "adapter"
         path = CACHE / f"lm-seed{args.seed}" / f"scores-{name}.safetensors"
+        result = contenders(made, modules=args.modules, defaults=not args.no_defaults, only_defaults=args.defaults_only)
+        if args.defaults_only:
+            result["scores"] = {**load_file(str(path)), **result["scores"]}
         save_file({k: v.contiguous() for k, v in result["scores"].items()}, str(path), metadata={"format": "pt"})
         print(json.dumps({"dim": result["dim"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
                           "agreement": summary(result["scores"]), "spectrum": result["spectrum"]}, indent=1))
@@ -91,13 +95,13 @@ def _counting_padding(pad_token_id: int):
 
 
 def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=(16, 256), log=print,
-               modules: Optional[Sequence[str]] = None, defaults: bool = True) -> dict:
+               modules: Optional[Sequence[str]] = None, defaults: bool = True, only_defaults: bool = False) -> dict:
     """Scores [Q, N] of every contender in the fact model's LoRA subspace, with the wall and CPU time each took.
 
     exact: −∇f_qᵀ(H + λI)⁻¹g_b with H the exact full-batch GGN over the training documents (K → ∞);
     exact_K: the closed form at horizon K in that exact eigenbasis; kronecker: the closed form in the EK-FAC
     eigenbasis; sketched_S: the closed form in the eigenbasis of the GGN sketched with S passes per batch;
-    defaults: `simulate_responses` with `AttributionConfig()` (whatever eigenbasis 'auto' picks).
+    defaults: `simulate_responses` with `AttributionConfig()` (whatever eigenbasis 'auto' picks), alone with `only_defaults`.
     """
     import time
 
@@ -128,8 +132,12 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
         built = AttributionSubspace.build(model, "trainable", parameter_names=names)
     with built as subspace:
         out["dim"] = subspace.dim
-        gradients = timed("document_gradients", lambda: document_gradients(subspace, task, documents, dtype=torch.float64))
         query = query_gradients(subspace, task, queries, dtype=torch.float64)
+        if only_defaults:
+            result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
+            out["scores"]["defaults"], out["spectrum"] = query @ result.responses.double().T, []
+            return out
+        gradients = timed("document_gradients", lambda: document_gradients(subspace, task, documents, dtype=torch.float64))
 
         def closed(basis, k):
             step = 1.0 / (basis.max_eigenvalue + damping)
