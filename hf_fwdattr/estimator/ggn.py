@@ -29,6 +29,9 @@ from .gradients import leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
 
+_CHUNK_BYTES = 256 * 2**20  # rows of one chunk of cotangents: [chunk, batch, p]
+
+
 def supports_exact_ggn(subspace: AttributionSubspace, task) -> bool:
     """Whether `exact_ggn` can build this subspace's GGN: every parameter a Linear's weight or bias, and a task that
     factors its output curvature."""
@@ -37,13 +40,14 @@ def supports_exact_ggn(subspace: AttributionSubspace, task) -> bool:
 
 def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Optional[torch.Tensor] = None,
                   dtype: torch.dtype = torch.float64, samples: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                  generator: Optional[torch.Generator] = None, cotangent_chunk: int = 32) -> Iterator[torch.Tensor]:
     """Rows a = J_iᵀ c of every example of `batch` ([B, p] per backward pass), with Σ aᵀa = Σ_i J_iᵀ (∇²_y ℓ_i) J_i.
 
     Exact (`samples` None): one backward pass per factor slot of `task.output_curvature` (position, factor); rows of
     examples without a factor in a slot are zero. Sketched (`samples` = S): S passes with the random cotangents of
     `task.sketched_output_curvature` (seeded by `generator`): the sum of aᵀa is then an unbiased estimate, whatever
-    the number of slots — S backward passes per batch instead of positions × factors.
+    the number of slots — S backward passes per batch instead of positions × factors. `cotangent_chunk` cotangents
+    share one vmapped backward pass.
     """
     owners = linear_owners(subspace)
     if owners is None:
@@ -78,22 +82,37 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
     n = outputs.shape[0]
     offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
     tensors = [output for _, _, output in calls]
-    for cotangent in cotangents:
-        grads = torch.autograd.grad(outputs, tensors, cotangent, retain_graph=True, allow_unused=True)
-        rows = torch.zeros(n, subspace.dim, dtype=dtype, device=subspace.device)
+    row_bytes = n * subspace.dim * torch.finfo(dtype).bits // 8
+    for chunk in _chunks(cotangents, max(1, min(cotangent_chunk, _CHUNK_BYTES // max(row_bytes, 1)))):
+        # one vmapped backward pass for a chunk of cotangents: on small models the per-pass overhead is most of the cost
+        batched = len(chunk) > 1
+        stacked = torch.stack(chunk) if batched else chunk[0]
+        grads = torch.autograd.grad(outputs, tensors, stacked, retain_graph=True, allow_unused=True, is_grads_batched=batched)
+        rows = torch.zeros(len(chunk), n, subspace.dim, dtype=dtype, device=subspace.device)
         for (module, inputs, _), grad in zip(calls, grads):
             if grad is None:
                 continue
-            g = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
+            g = grad.reshape(len(chunk), n, -1, grad.shape[-1]).to(dtype)
             names = owners[module]
             if "weight" in names:
                 lo, hi = offsets[names["weight"]]
                 x = inputs.reshape(n, -1, inputs.shape[-1]).to(dtype)
-                rows[:, lo:hi] += torch.einsum("bto,bti->boi", g, x).reshape(n, -1)
+                rows[:, :, lo:hi] += torch.einsum("cbto,bti->cboi", g, x).reshape(len(chunk), n, -1)
             if "bias" in names:
                 lo, hi = offsets[names["bias"]]
-                rows[:, lo:hi] += g.sum(dim=1)
-        yield rows
+                rows[:, :, lo:hi] += g.sum(dim=2)
+        yield from rows
+
+
+def _chunks(items: Iterator[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    chunk: list[torch.Tensor] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _slots(outputs: torch.Tensor, factors: torch.Tensor) -> Iterator[torch.Tensor]:
