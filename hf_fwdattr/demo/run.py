@@ -165,7 +165,7 @@ def train_fact_model(output_dir: str | Path, seed: int = 0, pretrain_epochs: int
     train = Dataset.from_list([{"document_id": d["document_id"], "source": d["source"], "input_ids": encode(d["text"])} for d in documents])
     callback = ForwardAttributionCallback(
         document_column="document_id", source_column="source",
-        config=config or AttributionConfig(damping=1e-3, batch_size=16),  # closed form, K = 3000, JVP readout
+        config=config or AttributionConfig(damping=1e-3, batch_size=16),  # closed form (K = ∞: damped influence), JVP readout
     )
     trainer = Trainer(
         model=model, args=training_arguments(output_dir, finetune_epochs, 1e-2, 8, seed, remove_unused_columns=False),

@@ -188,11 +188,11 @@ class AttributionConfig:
     )
     eigenbasis: Eigenbasis = field(default=Eigenbasis.AUTO, metadata={"help": "closed_form solver: auto | explicit | kronecker."})
     explicit_max_dim: int = field(
-        default=8192,
+        default=6144,
         metadata={"help": "eigenbasis='auto' uses the explicit eigenbasis up to this subspace dimension: p² memory and one p × p "
-                  "eigendecomposition (14 s of one CPU core at p = 3,584; benchmarks/RESULTS.md, issue 15); also beyond it when the "
-                  "exact GGN has at most this many rows R (R·p memory, an R × R eigendecomposition: classifiers with few outputs); "
-                  "EK-FAC otherwise."},
+                  "eigendecomposition, whose cost grows like p³ (14 s of one CPU core at p = 3,584, about a minute at 6,144, "
+                  "3 minutes at 8,192; benchmarks/RESULTS.md, issue 15); also beyond it when the exact GGN has at most this many "
+                  "rows R (R·p memory, an R × R eigendecomposition: classifiers with few outputs)."},
     )
     curvature_sketch: int = field(
         default=8,
