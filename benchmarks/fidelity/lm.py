@@ -133,6 +133,13 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
     with built as subspace:
         out["dim"] = subspace.dim
         query = query_gradients(subspace, task, queries, dtype=torch.float64)
+
+        def epoch():  # one pass of forward + backward over the training documents, batches of 16: the unit of build cost
+            for lo in range(0, len(train), 16):
+                task.train_loss(model, task.collate(train[lo : lo + 16])).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        timed("epoch", epoch)
         if only_defaults:
             result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, AttributionConfig()))
             out["scores"]["defaults"], out["spectrum"] = query @ result.responses.double().T, []
