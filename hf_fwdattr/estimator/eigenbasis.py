@@ -30,7 +30,7 @@ from .config import AttributionConfig, Curvature, Eigenbasis
 from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .ggn import exact_passes, gauss_newton, supports_exact_ggn
-from .gradients import example_gradients, leaf_parameters, linear_owners
+from .gradients import coordinate_ranges, example_gradients, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _layers(subspace: AttributionSubspace, dtype: torch.dtype) -> list[_Layer]:
             "eigenbasis='kronecker' needs every subspace parameter to be the weight or bias of an nn.Linear "
             "(LoRA and projection adapters are); use eigenbasis='explicit' or another solver for this subspace."
         )
-    offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
+    offsets = coordinate_ranges(subspace)
     layers = []
     for module, names in owners.items():
         weight_name = names.get("weight")
@@ -311,14 +311,6 @@ def eigenbasis_from_state(state: dict, subspace: AttributionSubspace):
 def _gram(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     flat = grad.detach().reshape(-1, grad.shape[-1]).to(dtype)
     return flat.T @ flat
-
-
-def _offsets(numels: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for count in numels:
-        out.append((start, start + count))
-        start += count
-    return out
 
 
 def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Sequence[Any], config: AttributionConfig, progress: bool = False):

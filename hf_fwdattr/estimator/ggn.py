@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import TaskError
 from ..progress import progress_bar
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
-from .gradients import leaf_parameters, linear_owners
+from .gradients import coordinate_ranges, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
 
 
@@ -80,7 +80,7 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
     else:
         cotangents = curvature  # the task's iterator of sketched cotangents
     n = outputs.shape[0]
-    offsets = dict(zip(subspace.names, _offsets(subspace.numels)))
+    offsets = coordinate_ranges(subspace)
     tensors = [output for _, _, output in calls]
     row_bytes = n * subspace.dim * torch.finfo(dtype).bits // 8
     for chunk in _chunks(cotangents, max(1, min(cotangent_chunk, _CHUNK_BYTES // max(row_bytes, 1)))):
@@ -198,11 +198,3 @@ def exact_ggn(subspace: AttributionSubspace, task, examples: Sequence[Any], batc
               chunk_rows: int = 2048, progress: bool = False, samples: Optional[int] = None, seed: int = 0) -> torch.Tensor:
     """The [p, p] GGN of the mean training loss over `examples` (`gauss_newton`, made dense)."""
     return gauss_newton(subspace, task, examples, batch_size, dtype, chunk_rows, progress, samples, seed).dense()
-
-
-def _offsets(numels: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for count in numels:
-        out.append((start, start + count))
-        start += count
-    return out

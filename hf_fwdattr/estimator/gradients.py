@@ -56,6 +56,15 @@ def resolve_gradient_method(subspace: AttributionSubspace, method: GradientMetho
     return method
 
 
+def coordinate_ranges(subspace: AttributionSubspace) -> dict[str, tuple[int, int]]:
+    """Each subspace parameter's [start, end) range in the flat coordinate vector, by name."""
+    ranges, start = {}, 0
+    for name, count in zip(subspace.names, subspace.numels):
+        ranges[name] = (start, start + count)
+        start += count
+    return ranges
+
+
 def leaf_parameters(subspace: AttributionSubspace, delta: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The subspace parameters at θ* (+ `delta`) as fresh leaves that require grad, for one backward pass."""
     if delta is None:
