@@ -193,5 +193,5 @@ def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few
     torch.testing.assert_close(auto.responses, explicit.responses, rtol=1e-8, atol=1e-10)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
-        simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=40, **settings))
+        simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=16, **settings))
     assert "Kronecker-factored (EK-FAC)" in caplog.text

@@ -135,9 +135,16 @@ def contenders(setup: dict, damping: float = 1e-3, horizon: int = 3000, samples=
         query = query_gradients(subspace, task, queries, dtype=torch.float64)
 
         def epoch():  # one pass of forward + backward over the training documents, batches of 16: the unit of build cost
-            for lo in range(0, len(train), 16):
-                task.train_loss(model, task.collate(train[lo : lo + 16])).sum().backward()
-            model.zero_grad(set_to_none=True)
+            adapter = [p for n, p in model.named_parameters() if "lora_" in n]
+            flags = [p.requires_grad for p in adapter]
+            for parameter in adapter:
+                parameter.requires_grad_(True)
+            with torch.enable_grad():
+                for lo in range(0, len(train), 16):
+                    task.train_loss(model, task.collate(train[lo : lo + 16])).sum().backward()
+            for parameter, flag in zip(adapter, flags):
+                parameter.requires_grad_(flag)
+                parameter.grad = None
 
         timed("epoch", epoch)
         if only_defaults:

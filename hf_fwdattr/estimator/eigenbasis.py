@@ -318,7 +318,7 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
 
     `eigenbasis='auto'` takes the explicit (exact) eigenbasis when its memory and eigendecomposition stay within
     `explicit_max_dim`: p <= explicit_max_dim (a p × p matrix), or an exact GGN of R <= explicit_max_dim rows with
-    R·p <= explicit_max_dim² (kept as its rows, decomposed through the R × R Gram matrix: a classifier with few
+    R·p <= 4·explicit_max_dim² (kept as its rows, decomposed through the R × R Gram matrix: a classifier with few
     outputs); EK-FAC beyond. The choice and its reason are logged.
     """
     examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
@@ -354,7 +354,7 @@ def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, p
         return Eigenbasis.EXPLICIT
     batches = -(-n_examples // config.batch_size)
     rows = None if passes is None else passes // batches * n_examples  # an upper bound: slots × examples
-    if rows is not None and passes <= config.exact_curvature_max_passes and rows <= limit and rows * dim <= limit * limit:
+    if rows is not None and passes <= config.exact_curvature_max_passes and rows <= limit and rows * dim <= 4 * limit * limit:
         logger.info("eigenbasis='auto': explicit eigenbasis (the exact GGN, of rank at most %d: its rows' %d × %d Gram matrix is "
                     "decomposed), since it has at most explicit_max_dim = %d rows.", rows, rows, rows, limit)
         return Eigenbasis.EXPLICIT
