@@ -172,7 +172,7 @@ def test_auto_sketches_the_ggn_when_the_exact_one_would_take_too_many_passes(lm_
 def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few_rows(caplog):
     """A classifier with more coordinates than explicit_max_dim but few GGN rows (examples × outputs): 'auto' still
     takes the exact eigenbasis (through the rows' Gram matrix) — the same responses as eigenbasis='explicit' — and
-    EK-FAC only when the rows are too many too."""
+    the low-rank eigenbasis of the exact GGN only when the rows are too many too."""
     import logging
 
     from hf_fwdattr import AttributionConfig, DocumentSet, simulate_responses
@@ -194,4 +194,88 @@ def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
         simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=16, **settings))
-    assert "Kronecker-factored (EK-FAC)" in caplog.text
+    assert "largest eigendirections of the exact GGN (low_rank" in caplog.text
+
+
+def _mlp_setting():
+    inputs, labels = noisy_classification(n=23, dim=4, classes=3, seed=3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, ClassificationTask(), [(inputs[i], labels[i]) for i in range(23)], AttributionSubspace.build(model, "trainable")
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "llama"])
+def test_the_low_rank_basis_equals_the_explicit_one_when_its_rank_covers_the_ggn(architecture):
+    """Rank >= rank(GGN): the Nyström approximation is exact, so the low-rank basis filters as the explicit one does (the
+    complement, the mean of an all-zero rest of the spectrum, is 0 up to round-off)."""
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.lowrank import low_rank_ggn
+
+    if architecture == "mlp":  # p = 51, GGN rank <= 23 examples × 2 independent logit directions = 46
+        model, task, examples, subspace = _mlp_setting()
+        rank = 46
+    else:  # GGN rank <= 6 scored tokens × hidden size 32 = 192, below p
+        model = _lm_with_lora("llama")
+        task, examples = CausalLMTask(pad_token_id=0), lm_examples(2, seed=4, min_len=4, max_len=5)
+        subspace = AttributionSubspace.build(model, "peft")
+        rank = 200
+    explicit = ExplicitEigenbasis.estimate(subspace, task, examples, "ggn", 5, dtype=torch.float64)
+    rank_ggn = int((explicit.eigenvalues > 1e-10 * explicit.eigenvalues.max()).sum())
+    assert rank_ggn <= rank < subspace.dim
+    made = low_rank_ggn(subspace, task, examples, 5, rank, power_passes=1)
+    basis = ExplicitEigenbasis.from_low_rank(made)
+    assert subspace.dim > rank >= basis.eigenvectors.shape[1] >= rank_ggn  # numerically null directions are left to the complement
+    assert abs(made.complement) < 1e-10 * float(explicit.eigenvalues.max())
+    torch.testing.assert_close(made.eigenvalues[:rank_ggn], explicit.eigenvalues.flip(0)[:rank_ggn], rtol=1e-8, atol=1e-12)
+    assert made.trace == pytest.approx(float(explicit.eigenvalues.sum()), rel=1e-9)
+    vectors = torch.randn(3, subspace.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for factor in (horizon_filter(0.0, None, 1e-3), horizon_filter(0.5 / explicit.max_eigenvalue, 300, 1e-3)):
+        torch.testing.assert_close(basis.filter(vectors, factor), explicit.filter(vectors, factor), rtol=1e-6, atol=1e-6)
+
+
+def test_the_low_rank_complement_is_the_mean_of_the_unresolved_spectrum():
+    """Below the GGN's rank: the k largest eigenvalues match the explicit ones, and the complement is the mean of the
+    others (trace from the Jacobian rows), or 0."""
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.lowrank import low_rank_ggn
+
+    model, task, examples, subspace = _mlp_setting()
+    explicit = ExplicitEigenbasis.estimate(subspace, task, examples, "ggn", 5, dtype=torch.float64)
+    spectrum = explicit.eigenvalues.flip(0)
+    rank = 8
+    made = low_rank_ggn(subspace, task, examples, 5, rank, power_passes=3)
+    torch.testing.assert_close(made.eigenvalues, spectrum[:rank], rtol=1e-6, atol=0)
+    expected = float(spectrum[rank:].sum()) / (subspace.dim - rank)
+    assert made.complement == pytest.approx(expected, rel=1e-6)
+    zero = low_rank_ggn(subspace, task, examples, 5, rank, power_passes=3, complement="zero")
+    assert zero.complement == 0.0 and zero.trace == pytest.approx(made.trace)
+    # the filter: the explicit filter on the top-k directions, and the complement value on the rest
+    basis = ExplicitEigenbasis.from_low_rank(made)
+    vector = torch.randn(1, subspace.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    top = explicit.eigenvectors.flip(1)[:, :rank]
+    inside, outside = (vector @ top) @ top.T, vector - (vector @ top) @ top.T
+    factor = horizon_filter(0.0, None, 1e-2)
+    expected_filtered = explicit.filter(inside, factor) - outside / (expected + 1e-2)
+    torch.testing.assert_close(basis.filter(vector, factor), expected_filtered, rtol=1e-5, atol=1e-8)
+
+
+def test_auto_resolves_the_top_of_the_exact_ggn_beyond_the_explicit_size_and_says_so(lm_task, caplog):
+    import logging
+
+    from conftest import make_lm
+
+    from hf_fwdattr import AttributionConfig, DocumentSet, simulate_responses
+    from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
+
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    train = lm_examples(16, seed=3)
+    config = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, curvature_rank=16)
+    with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
+        basis = estimate_eigenbasis(subspace, lm_task, train, config)
+        result = simulate_responses(subspace, lm_task, DocumentSet.from_examples(train[:4]), train, config, eigenbasis=basis)
+    assert "eigenbasis='auto'" in caplog.text and "curvature_rank = 16 largest eigendirections of the exact GGN" in caplog.text
+    assert basis.eigenvectors.shape == (subspace.dim, 16) and basis.complement > 0
+    assert torch.isfinite(result.responses).all()
+    kronecker = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, eigenbasis="kronecker")
+    assert type(estimate_eigenbasis(subspace, lm_task, train, kronecker)).__name__ == "KroneckerEigenbasis"  # still selectable

@@ -42,13 +42,27 @@ class Eigenbasis(str, Enum):
 
     AUTO = "auto"
     """`explicit` when its memory and eigendecomposition stay within `explicit_max_dim` (p <= explicit_max_dim, or an exact GGN
-    with at most that many rows), else `kronecker`; logged with the reason."""
+    with at most that many rows); beyond, `low_rank` where the exact GGN's Jacobian rows exist, else `kronecker`; logged
+    with the reason."""
     EXPLICIT = "explicit"
     """The full [p, p] curvature matrix, eigendecomposed: exact, for small subspaces. The GGN is built from per-example
     output Jacobians (one backward pass per output-curvature factor), the Hessian from p curvature-vector products."""
+    LOW_RANK = "low_rank"
+    """The `curvature_rank` largest eigenpairs of the exact GGN (randomized Nyström with `curvature_power_passes` power
+    passes over the same per-example Jacobian rows the explicit GGN is built from; memory p × rank) and one eigenvalue,
+    `curvature_complement`, for the rest of the space: exact filter on the resolved directions, approximate beyond."""
     KRONECKER = "kronecker"
     """Per-layer Kronecker-factored eigenbases with eigenvalue correction (EK-FAC), GGN only: an approximation (layers
     independent, Kronecker factors, sampled labels), padded positions left out of the factors."""
+
+
+class Complement(str, Enum):
+    """The eigenvalue the low-rank eigenbasis gives every direction outside its `curvature_rank` eigenvectors."""
+
+    MEAN = "mean"
+    """(tr G − Σ top k) / (p − k): the mean of the unresolved spectrum (the trace comes from the Jacobian rows' norms)."""
+    ZERO = "zero"
+    """0: the unresolved directions count as flat (the filter gives them −1/λ, or −ηK at a finite horizon)."""
 
 
 class Curvature(str, Enum):
@@ -194,6 +208,21 @@ class AttributionConfig:
                   "3 minutes at 8,192; benchmarks/RESULTS.md, issue 15); also beyond it when the exact GGN has at most this many "
                   "rows R (R·p memory, an R × R eigendecomposition: classifiers with few outputs)."},
     )
+    curvature_rank: int = field(
+        default=256,
+        metadata={"help": "eigenbasis='low_rank': how many of the GGN's largest eigendirections are resolved exactly (memory p × "
+                  "rank); the filter gives the rest one value, see `curvature_complement`."},
+    )
+    curvature_power_passes: int = field(
+        default=2,
+        metadata={"help": "eigenbasis='low_rank': power passes of the randomized eigensolver, each one more pass over the curvature "
+                  "examples (0: single-pass Nyström); more passes sharpen the resolved directions when the spectrum decays slowly."},
+    )
+    curvature_complement: Complement = field(
+        default=Complement.MEAN,
+        metadata={"help": "eigenbasis='low_rank': the eigenvalue of the unresolved directions: 'mean' (of the unresolved spectrum, "
+                  "from the trace) | 'zero'."},
+    )
     curvature_sketch: int = field(
         default=8,
         metadata={
@@ -253,6 +282,7 @@ class AttributionConfig:
             self.readout = DEFAULT_READOUTS.get(self.solver.value, ReadoutMode.JVP.value)
         self.readout = _enum_value(ReadoutMode, self.readout, "readout")
         self.eigenbasis = _enum_value(Eigenbasis, self.eigenbasis, "eigenbasis")
+        self.curvature_complement = _enum_value(Complement, self.curvature_complement, "curvature_complement")
         self._validate()
 
     def _validate(self) -> None:
@@ -294,8 +324,12 @@ class AttributionConfig:
         else:
             positive_int("horizon")
         for name in ("batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size",
-                     "simulation_chunk_size", "explicit_max_dim", "curvature_sketch", "exact_curvature_max_passes"):
+                     "simulation_chunk_size", "explicit_max_dim", "curvature_sketch", "exact_curvature_max_passes",
+                     "curvature_rank"):
             positive_int(name)
+        power_passes = self.curvature_power_passes
+        if isinstance(power_passes, bool) or not isinstance(power_passes, int) or power_passes < 0:
+            fail(f"`curvature_power_passes` must be an integer >= 0, got {power_passes!r}.")
         if self.curvature_examples is not None:
             positive_int("curvature_examples")
         rank = self.readout_basis_rank
@@ -305,6 +339,9 @@ class AttributionConfig:
             fail(f"`readout_basis_fidelity` must lie in (0, 1], got {self.readout_basis_fidelity!r}.")
         if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.KRONECKER and self.curvature is Curvature.HESSIAN:
             fail("`eigenbasis` 'kronecker' (EK-FAC) approximates the GGN only; use curvature='ggn', or eigenbasis='explicit' for the Hessian.")
+        if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.LOW_RANK and self.curvature is Curvature.HESSIAN:
+            fail("`eigenbasis` 'low_rank' resolves the GGN's eigendirections from its Jacobian rows; use curvature='ggn', or "
+                 "eigenbasis='explicit' for the Hessian.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             fail(f"`seed` must be an integer, got {self.seed!r}.")
         if finite_number("trajectory_epsilon") <= 0:

@@ -4,10 +4,12 @@ With the curvature H = Q diag(h) Qᵀ, K steps of the recursion from u = 0 give,
 
     u_b = Q diag(−(1 − (1 − η(h + λ))^K) / (h + λ)) Qᵀ g_b,
 
-so all documents are simulated by one filter applied to their gradients. Two eigenbases:
+so all documents are simulated by one filter applied to their gradients. Three eigenbases:
 
 - `ExplicitEigenbasis`: the [p, p] matrix (mean over the training examples of the per-example curvature),
   eigendecomposed; exact, for small subspaces; GGN or Hessian.
+- the low-rank eigenbasis (`lowrank.low_rank_ggn`, an `ExplicitEigenbasis` with k < p eigenvectors): the k largest
+  eigenpairs of the exact GGN and one eigenvalue for the rest of the space; for subspaces beyond the explicit size.
 - `KroneckerEigenbasis` (EK-FAC): for each linear layer of the subspace, the eigenbases of the input
   covariance E[x xᵀ] and of the output-gradient covariance E[δ δᵀ] (gradients of the loss with targets
   sampled from the model, whose covariance is the GGN), with eigenvalues corrected to the mean squared
@@ -31,6 +33,7 @@ from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .ggn import exact_passes, gauss_newton, supports_exact_ggn
 from .gradients import coordinate_ranges, example_gradients, leaf_parameters, linear_owners
+from .lowrank import LowRankGGN, low_rank_ggn
 from .subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,12 @@ class ExplicitEigenbasis:
         if gauss_newton.rows is not None:
             return cls.from_rows(gauss_newton.rows, dtype, seconds)
         return cls.from_matrix(gauss_newton.matrix, dtype, seconds)
+
+    @classmethod
+    def from_low_rank(cls, made: LowRankGGN, dtype: Optional[torch.dtype] = None) -> "ExplicitEigenbasis":
+        """From a `lowrank.LowRankGGN`: its k eigenpairs, and its complement eigenvalue for the rest of the space."""
+        dtype = dtype or made.eigenvectors.dtype
+        return cls(made.eigenvalues.to(dtype), made.eigenvectors.to(dtype), made.seconds, complement=made.complement)
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, dtype: Optional[torch.dtype] = None, seconds: Optional[float] = None) -> "ExplicitEigenbasis":
@@ -314,12 +323,13 @@ def _gram(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Sequence[Any], config: AttributionConfig, progress: bool = False):
-    """The eigenbasis `config` asks for (explicit or Kronecker), on `config.curvature_examples` training examples.
+    """The eigenbasis `config` asks for (explicit, low-rank or Kronecker), on `config.curvature_examples` training examples.
 
     `eigenbasis='auto'` takes the explicit (exact) eigenbasis when its memory and eigendecomposition stay within
     `explicit_max_dim`: p <= explicit_max_dim (a p × p matrix), or an exact GGN of R <= explicit_max_dim rows with
     R·p <= 4·explicit_max_dim² (kept as its rows, decomposed through the R × R Gram matrix: a classifier with few
-    outputs); EK-FAC beyond. The choice and its reason are logged.
+    outputs); beyond, the low-rank eigenbasis of the exact GGN (`curvature_rank` eigendirections) where the GGN's Jacobian
+    rows exist, EK-FAC where they do not. The choice and its reason are logged.
     """
     examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
     exact_ggn = config.curvature is Curvature.GGN and supports_exact_ggn(subspace, task)
@@ -327,6 +337,8 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     choice = config.eigenbasis
     if choice is Eigenbasis.AUTO:
         choice = _auto_eigenbasis(subspace, config, passes, len(examples))
+    if choice is Eigenbasis.LOW_RANK:
+        return _low_rank(subspace, task, examples, config, passes, progress)
     if choice is Eigenbasis.EXPLICIT:
         sketch = None
         if passes is not None:
@@ -358,6 +370,8 @@ def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, p
         logger.info("eigenbasis='auto': explicit eigenbasis (the exact GGN, of rank at most %d: its rows' %d × %d Gram matrix is "
                     "decomposed), since it has at most explicit_max_dim = %d rows.", rows, rows, rows, limit)
         return Eigenbasis.EXPLICIT
+    if passes is not None:
+        return _auto_low_rank(dim, config)
     if linear_owners(subspace) is None:
         raise TaskError(
             f"The closed-form solver needs an eigenbasis: this subspace has {dim:,} coordinates, more than "
@@ -371,6 +385,37 @@ def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, p
                    "factors). Raise explicit_max_dim (p² memory, an eigendecomposition of p × p) for the exact curvature.",
                    dim, limit)
     return Eigenbasis.KRONECKER
+
+
+def _auto_low_rank(dim: int, config: AttributionConfig) -> Eigenbasis:
+    """eigenbasis='auto' past the explicit size, where the GGN's Jacobian rows exist: the low-rank eigenbasis; logged."""
+    logger.info("eigenbasis='auto': the subspace has %d coordinates, more than explicit_max_dim = %d, so the closed form resolves "
+                "the curvature_rank = %d largest eigendirections of the exact GGN (low_rank: randomized Nyström, %d power passes) "
+                "and gives the other directions one eigenvalue (curvature_complement=%r): exact where the spectrum is resolved, "
+                "an approximation beyond.", dim, config.explicit_max_dim, config.curvature_rank,
+                config.curvature_power_passes, config.curvature_complement.value)
+    return Eigenbasis.LOW_RANK
+
+
+def _low_rank(subspace: AttributionSubspace, task, examples: Sequence[Any], config: AttributionConfig, passes: Optional[int],
+              progress: bool) -> ExplicitEigenbasis:
+    """The low-rank eigenbasis of the GGN over `examples`, its Jacobian rows exact or sketched as the explicit GGN's are."""
+    if passes is None:
+        raise TaskError(
+            "eigenbasis='low_rank' resolves the GGN from per-example Jacobian rows: it needs curvature='ggn', every subspace "
+            "parameter the weight or bias of an nn.Linear (LoRA and projection adapters are) and a task with `output_curvature`. "
+            "Use eigenbasis='explicit' (small subspaces) or 'kronecker', or solver='linearized'."
+        )
+    passes *= config.curvature_power_passes + 1
+    sketch = None
+    if passes > config.exact_curvature_max_passes:
+        sketch = config.curvature_sketch
+        logger.info("The low-rank GGN's %d passes over the data with exact Jacobian rows would take %d backward passes (more than "
+                    "exact_curvature_max_passes = %d): its rows are sketched with curvature_sketch = %d passes per batch, the same "
+                    "sketch on every pass.", config.curvature_power_passes + 1, passes, config.exact_curvature_max_passes, sketch)
+    made = low_rank_ggn(subspace, task, examples, config.batch_size, config.curvature_rank, config.curvature_power_passes,
+                        config.curvature_complement, sketch, config.seed, progress)
+    return ExplicitEigenbasis.from_low_rank(made, config.compute_dtype)
 
 
 def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:
