@@ -4,12 +4,13 @@
 
 The setting (per seed): a tiny Llama (hidden 128, 2 layers, vocabulary 512) pretrained one epoch on 8,000 documents
 of the scale benchmark's synthetic fact corpus (cached), then a fresh LoRA (r = 32, alpha 32) on every linear layer
-(q, k, v, o, gate, up, down: p = 131,072) trained one epoch (AdamW, batch 32) on N = 256 documents of another
+(q, k, v, o, gate, up, down: p = 131,072) trained one epoch (AdamW, batch 32) on N = 128 documents of another
 corpus; that epoch is the unit of cost. Every build, the epoch included, runs in this process on one thread.
 
 Reference: −∇f_qᵀ(G + λI)⁻¹g_b with G the GGN of the mean training loss over the closed form's curvature examples
 (all N), λ = the default damping, solved by conjugate gradients for the 16 queries at once with exact GGN-vector
-products (`CurvatureOperator`, JVP and VJP), to a relative residual of 1e-6; scored against 32 documents (the 16
+products (`CurvatureOperator`, JVP and VJP), preconditioned by the defaults' own low-rank basis (which changes how fast
+CG converges, not what it converges to), to a relative residual of 1e-4; scored against 32 documents (the 16
 whose facts the queries ask, 16 others). Contenders: the defaults (`AttributionConfig()`, whatever 'auto' picks),
 EK-FAC (eigenbasis='kronecker'), and the low-rank eigenbasis at several ranks, power passes and complements.
 """
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 
 CACHE = Path(__file__).resolve().parent / "cache"
-N_TRAIN, N_PRETRAIN, N_QUERIES, N_OTHER_DOCUMENTS = 256, 8_000, 16, 16
+N_TRAIN, N_PRETRAIN, N_QUERIES, N_OTHER_DOCUMENTS = 128, 8_000, 16, 16
 HIDDEN, LAYERS, LORA_RANK = 128, 2, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,9 +82,11 @@ def ggn_operator(subspace, task, examples: list, batch_size: int) -> Callable[[t
 
 
 def conjugate_gradients(apply: Callable, rhs: torch.Tensor, damping: float, precondition: Callable = lambda rows: rows,
-                        tolerance: float = 1e-6, max_iterations: int = 2_000, log=print) -> tuple[torch.Tensor, int, float]:
+                        tolerance: float = 1e-4, max_iterations: int = 300, log=print,
+                        snapshot: Callable = lambda x, iteration, residual: None) -> tuple[torch.Tensor, int, float]:
     """(G + λI)⁻¹ for each row of `rhs` by preconditioned conjugate gradients, all rows at once (each with its own step
-    sizes); returns the solution, the iterations and the largest relative residual ‖r‖/‖b‖ reached."""
+    sizes); returns the solution, the iterations and the largest relative residual ‖r‖/‖b‖ reached. `snapshot` sees
+    every 5th iterate."""
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = precondition(r)
@@ -97,6 +100,8 @@ def conjugate_gradients(apply: Callable, rhs: torch.Tensor, damping: float, prec
         r -= alpha[:, None] * q
         worst = float((r.norm(dim=1) / norms).max())
         log(f"  CG iteration {iteration}: largest relative residual {worst:.2e}")
+        if iteration % 5 == 0:
+            snapshot(x, iteration, worst)
         if worst < tolerance:
             return x, iteration, worst
         z = precondition(r)
@@ -126,14 +131,12 @@ def probe(seed: int) -> None:
             print(f"low-rank pass, width {width}", time.perf_counter() - start, time.process_time() - cpu)
 
 
-def run(seed: int, ranks=(64, 256, 1024), log=print) -> dict:
+def run(seed: int, extra: bool = False, log=print) -> dict:
     """Every contender's scores [Q, D], build seconds (wall, CPU) and per-query Spearman against the CG reference."""
     from hf_fwdattr import AttributionConfig, AttributionSubspace, simulate_responses
-    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, estimate_eigenbasis, horizon_filter
     from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
     from hf_fwdattr.estimator.lowrank import low_rank_ggn
-    from hf_fwdattr.stats import spearman_rows
-
     made = setting(seed)
     task, train, documents = made["task"], made["train"], made["documents"]
     defaults = AttributionConfig()
@@ -157,64 +160,165 @@ def run(seed: int, ranks=(64, 256, 1024), log=print) -> dict:
         def scores(basis) -> torch.Tensor:
             return queries @ basis.filter(gradients, horizon_filter(0.0, None, damping)).T
 
-        def record(name: str, values: torch.Tensor) -> None:
-            out["scores"][name] = values
-            rho = spearman_rows(out["scores"]["reference"], values)
-            out["agreement"][name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
-            log(f"{name}: per-query Spearman against CG {out['agreement'][name]}")
-
         def low_rank(name: str, rank: int, passes: int, samples: int):
             low = timed(name, lambda: low_rank_ggn(subspace, task, train, defaults.batch_size, rank, passes, "mean", samples, seed))
             out["spectrum"][name] = {"top": low.eigenvalues[:8].tolist(), "last": float(low.eigenvalues[-1]),
                                      "trace": low.trace, "complement": low.complement}
             log(f"{name}: spectrum {out['spectrum'][name]}")
-            if "reference" in out["scores"]:
-                record(f"{name}_mean", scores(ExplicitEigenbasis.from_low_rank(low)))
-                record(f"{name}_zero", scores(ExplicitEigenbasis(low.eigenvalues, low.eigenvectors, complement=0.0)))
-            return low
+            out["scores"][f"{name}_mean"] = scores(ExplicitEigenbasis.from_low_rank(low))
+            out["scores"][f"{name}_zero"] = scores(ExplicitEigenbasis(low.eigenvalues, low.eigenvectors, complement=0.0))
 
-        # the reference first: conjugate gradients with exact GGN-vector products, preconditioned by the largest low-rank
-        # basis (a preconditioner changes how fast CG converges, not what it converges to; the residual is checked exactly)
-        largest = low_rank(f"low_rank_{max(ranks)}_q2", max(ranks), 2, sketch)
-        inverse = ExplicitEigenbasis.from_low_rank(largest)
+        # the defaults as a user runs them (AttributionConfig(), 'auto'), in two timed steps: the eigenbasis, then the rest
+        basis = timed("defaults_eigenbasis", lambda: estimate_eigenbasis(subspace, task, train, defaults))
+        result = timed("defaults_simulation", lambda: simulate_responses(subspace, task, documents, train, defaults, eigenbasis=basis))
+        out["defaults_basis"] = {"type": type(basis).__name__, "rank": int(getattr(basis, "eigenvectors", torch.zeros(0, 0)).shape[1]),
+                                 "complement": getattr(basis, "complement", None)}
+
+        out["scores"]["defaults"] = queries @ result.responses.double().T
+        if isinstance(basis, ExplicitEigenbasis):
+            out["scores"]["defaults_complement_zero"] = scores(ExplicitEigenbasis(basis.eigenvalues, basis.eigenvectors, complement=0.0))
+        kronecker = timed("kronecker", lambda: KroneckerEigenbasis.estimate(subspace, task, train, defaults.batch_size, dtype=torch.float64))
+        out["scores"]["kronecker"] = scores(kronecker)
+        low_rank("low_rank_64_q2", 64, 2, sketch)
+        low_rank("low_rank_256_q0", 256, 0, sketch)
+        if extra:
+            low_rank("low_rank_256_q2_sketch32", 256, 2, 4 * sketch)
+        save(out)
+
+        # the reference: conjugate gradients with exact GGN-vector products, preconditioned by the defaults' basis when it is
+        # a low-rank one (a preconditioner changes how fast CG converges, not what it converges to; the residual is exact).
+        # Every 5th iterate is scored and saved, so that the agreement of each contender can be followed as CG converges.
+        precondition = ((lambda rows: basis.filter(rows, lambda h: 1.0 / (h + damping))) if isinstance(basis, ExplicitEigenbasis)
+                        else (lambda rows: rows))
         apply = ggn_operator(subspace, task, train, defaults.batch_size)
-        solution, iterations, residual = timed("reference_cg", lambda: conjugate_gradients(
-            apply, queries, damping, precondition=lambda rows: inverse.filter(rows, lambda h: 1.0 / (h + damping)), log=log))
+
+        def snapshot(x, iteration, residual):
+            if "reference" in out["scores"]:  # the iterate 5 iterations earlier: how much the reference still moves
+                out["scores"]["reference_5_iterations_earlier"] = out["scores"]["reference"]
+            out["scores"]["reference"] = -x @ gradients.T
+            out["cg"] = {"iterations": iteration, "residual": residual}
+            agreement(out, log)
+            save(out)
+
+        solution, iterations, residual = timed("reference_cg", lambda: conjugate_gradients(apply, queries, damping, precondition, log=log,
+                                                                                          snapshot=snapshot))
         true_residual = (queries - apply(solution) - damping * solution).norm(dim=1) / queries.norm(dim=1)
         out["cg"] = {"iterations": iterations, "residual": residual, "true_residual": float(true_residual.max())}
         log(f"CG: {out['cg']}")
         out["scores"]["reference"] = -solution @ gradients.T
-        record(f"low_rank_{max(ranks)}_q2_mean", scores(inverse))
-        record(f"low_rank_{max(ranks)}_q2_zero", scores(ExplicitEigenbasis(largest.eigenvalues, largest.eigenvectors, complement=0.0)))
-
-        result = timed("defaults", lambda: simulate_responses(subspace, task, documents, train, defaults))
-        record("defaults", queries @ result.responses.double().T)
-        kronecker = timed("kronecker", lambda: KroneckerEigenbasis.estimate(subspace, task, train, defaults.batch_size, dtype=torch.float64))
-        record("kronecker", scores(kronecker))
-        for rank in sorted(ranks)[:-1]:
-            low_rank(f"low_rank_{rank}_q2", rank, 2, sketch)
-        low_rank("low_rank_256_q0", 256, 0, sketch)
-        low_rank("low_rank_256_q2_sketch32", 256, 2, 4 * sketch)
-    out["build_epochs"] = {k: v / made["epoch"]["epoch_cpu_seconds"] for k, v in out["cpu_seconds"].items()}
+        agreement(out, log)
     return out
+
+
+def agreement(out: dict, log=print) -> None:
+    """Per-query Spearman of every contender's scores against the reference (mean, min), into out["agreement"]."""
+    from hf_fwdattr.stats import spearman_rows
+
+    for name, values in out["scores"].items():
+        rho = spearman_rows(out["scores"]["reference"], values)
+        out["agreement"][name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
+    log(f"  agreement at CG {out['cg']}: " + ", ".join(f"{k} {v['spearman_mean']:.3f}" for k, v in out["agreement"].items()))
+
+
+def save(out: dict) -> None:
+    """The scores (safetensors) and everything else (JSON) under cache/beyond-seed<seed>/."""
+    from safetensors.torch import save_file
+
+    path = CACHE / f"beyond-seed{out['seed']}"
+    save_file({k: v.contiguous() for k, v in out["scores"].items()}, str(path / "scores.safetensors"), metadata={"format": "pt"})
+    rest = {k: v for k, v in out.items() if k != "scores"}
+    rest["build_epochs"] = {k: v / out["epoch"]["epoch_cpu_seconds"] for k, v in out["cpu_seconds"].items()}
+    (path / "result.json").write_text(json.dumps(rest, indent=1, sort_keys=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--probe", action="store_true", help="Time the pieces only.")
+    parser.add_argument("--extra", action="store_true", help="Also a 4x larger sketch (tuning).")
+    parser.add_argument("--hybrid", action="store_true", help="Score the low-rank + EK-FAC hybrid against a saved reference (tuning).")
+    parser.add_argument("--ranks", type=int, nargs="*", help="Score the low-rank basis at these ranks against a saved reference (tuning).")
+    parser.add_argument("--sketch", type=int, default=8, help="With --ranks: sketched passes per batch.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe:
         probe(args.seed)
         return
-    from safetensors.torch import save_file
+    if args.hybrid:
+        hybrid(args.seed)
+        return
+    if args.ranks:
+        more_ranks(args.seed, args.ranks, args.sketch)
+        return
+    result = run(args.seed, args.extra)
+    save(result)
+    print(json.dumps({k: v for k, v in result.items() if k != "scores"}, indent=1, sort_keys=True))
 
-    result = run(args.seed)
-    path = CACHE / f"beyond-seed{args.seed}"
-    save_file({k: v.contiguous() for k, v in result.pop("scores").items()}, str(path / "scores.safetensors"), metadata={"format": "pt"})
-    (path / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True))
-    print(json.dumps(result, indent=1, sort_keys=True))
+
+def hybrid(seed: int, log=print) -> dict:
+    """Tuning experiment: the defaults' low-rank basis with EK-FAC in its complement, u = V f(h) Vᵀ g + P⊥ K_f(P⊥ g),
+    scored against the saved reference of `seed` (a run of `run` first)."""
+    from safetensors.torch import load_file
+
+    from hf_fwdattr import AttributionConfig, AttributionSubspace
+    from hf_fwdattr.estimator.eigenbasis import KroneckerEigenbasis, estimate_eigenbasis, horizon_filter
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
+    from hf_fwdattr.stats import spearman_rows
+
+    saved = load_file(CACHE / f"beyond-seed{seed}" / "scores.safetensors")
+    made = setting(seed)
+    task, train, defaults = made["task"], made["train"], AttributionConfig()
+    factor = horizon_filter(0.0, None, defaults.curvature_shift)
+    with AttributionSubspace.build(made["model"], "peft") as subspace:
+        gradients = document_gradients(subspace, task, made["documents"], dtype=torch.float64)
+        queries = query_gradients(subspace, task, made["queries"], dtype=torch.float64)
+        basis = estimate_eigenbasis(subspace, task, train, defaults)
+        kronecker = KroneckerEigenbasis.estimate(subspace, task, train, defaults.batch_size, dtype=torch.float64)
+        vectors = basis.eigenvectors.double()
+        inside = gradients @ vectors
+        rest = gradients - inside @ vectors.T
+        top = (inside * factor(basis.eigenvalues.double())) @ vectors.T
+        filtered = kronecker.filter(rest, factor)
+        scores = {"defaults_again": queries @ basis.filter(gradients, factor).T,
+                  "hybrid": queries @ (top + filtered - (filtered @ vectors) @ vectors.T).T}
+    out = {}
+    for name, values in scores.items():
+        rho = spearman_rows(saved["reference"], values)
+        out[name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
+    out["saved_defaults"] = float(spearman_rows(saved["reference"], saved["defaults"]).nanmean())
+    log(json.dumps(out))
+    return out
+
+
+def more_ranks(seed: int, ranks: list[int], samples: int, log=print) -> dict:
+    """Tuning experiment: the low-rank basis (2 power passes, mean complement) at `ranks` with `samples` sketched passes per
+    batch, scored against the saved reference of `seed`, with its build time."""
+    from safetensors.torch import load_file
+
+    from hf_fwdattr import AttributionConfig, AttributionSubspace
+    from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, horizon_filter
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
+    from hf_fwdattr.estimator.lowrank import low_rank_ggn
+    from hf_fwdattr.stats import spearman_rows
+
+    saved = load_file(CACHE / f"beyond-seed{seed}" / "scores.safetensors")
+    made = setting(seed)
+    task, train, defaults = made["task"], made["train"], AttributionConfig()
+    factor = horizon_filter(0.0, None, defaults.curvature_shift)
+    out = {}
+    with AttributionSubspace.build(made["model"], "peft") as subspace:
+        gradients = document_gradients(subspace, task, made["documents"], dtype=torch.float64)
+        queries = query_gradients(subspace, task, made["queries"], dtype=torch.float64)
+        for rank in ranks:
+            cpu = time.process_time()
+            low = low_rank_ggn(subspace, task, train, defaults.batch_size, rank, 2, "mean", samples, seed)
+            cpu = time.process_time() - cpu
+            rho = spearman_rows(saved["reference"], queries @ ExplicitEigenbasis.from_low_rank(low).filter(gradients, factor).T)
+            out[f"low_rank_{rank}_q2_sketch{samples}"] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min()),
+                                                          "cpu_seconds": cpu, "epochs": cpu / made["epoch"]["epoch_cpu_seconds"],
+                                                          "last": float(low.eigenvalues[-1]), "complement": low.complement}
+            log(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
