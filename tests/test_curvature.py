@@ -169,7 +169,7 @@ def test_auto_sketches_the_ggn_when_the_exact_one_would_take_too_many_passes(lm_
     assert torch.isfinite(exact.responses).all() and torch.isfinite(sketched.responses).all()
 
 
-def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few_rows(caplog):
+def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few_rows(caplog, monkeypatch):
     """A classifier with more coordinates than explicit_max_dim but few GGN rows (examples × outputs): 'auto' still
     takes the exact eigenbasis (through the rows' Gram matrix) — the same responses as eigenbasis='explicit' — and
     the low-rank eigenbasis of the exact GGN only when the rows are too many too."""
@@ -195,6 +195,14 @@ def test_auto_takes_the_exact_basis_beyond_explicit_max_dim_when_the_ggn_has_few
     with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
         simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=16, **settings))
     assert "largest eigendirections of the exact GGN (low_rank" in caplog.text
+    # past the low-rank factors' memory bound (lowered here to a few bytes): EK-FAC, said so
+    import hf_fwdattr.estimator.eigenbasis as eigenbasis
+
+    monkeypatch.setattr(eigenbasis, "LOW_RANK_MAX_BYTES", 1000)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_fwdattr"):
+        simulate_responses(subspace, task, documents, examples, AttributionConfig(explicit_max_dim=16, **settings))
+    assert "so EK-FAC is used" in caplog.text and "Kronecker-factored (EK-FAC)" in caplog.text
 
 
 def _mlp_setting():

@@ -33,7 +33,7 @@ from .curvature import CurvatureOperator
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .ggn import exact_passes, gauss_newton, supports_exact_ggn
 from .gradients import coordinate_ranges, example_gradients, leaf_parameters, linear_owners
-from .lowrank import LowRankGGN, low_rank_ggn
+from .lowrank import LowRankGGN, low_rank_ggn, oversampling
 from .subspace import AttributionSubspace
 
 logger = logging.getLogger(__name__)
@@ -356,6 +356,9 @@ def estimate_eigenbasis(subspace: AttributionSubspace, task, train_examples: Seq
     return KroneckerEigenbasis.estimate(subspace, task, examples, config.batch_size, config.seed, config.compute_dtype, progress)
 
 
+LOW_RANK_MAX_BYTES = 4 * 10**9  # auto's bound on the low-rank eigenbasis' factors (p × width float64, ~4 copies); EK-FAC beyond
+
+
 def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, passes: Optional[int], n_examples: int) -> Eigenbasis:
     """`eigenbasis='auto'`'s choice for this subspace (see `estimate_eigenbasis`), logged with its reason."""
     dim, limit = subspace.dim, config.explicit_max_dim
@@ -370,8 +373,13 @@ def _auto_eigenbasis(subspace: AttributionSubspace, config: AttributionConfig, p
         logger.info("eigenbasis='auto': explicit eigenbasis (the exact GGN, of rank at most %d: its rows' %d × %d Gram matrix is "
                     "decomposed), since it has at most explicit_max_dim = %d rows.", rows, rows, rows, limit)
         return Eigenbasis.EXPLICIT
-    if passes is not None:
+    low_rank_bytes = 4 * dim * (config.curvature_rank + oversampling(config.curvature_rank)) * 8  # float64 [p, width] copies
+    if passes is not None and low_rank_bytes <= LOW_RANK_MAX_BYTES:
         return _auto_low_rank(dim, config)
+    if passes is not None:
+        logger.info("eigenbasis='auto': the low-rank eigenbasis of %d coordinates at curvature_rank = %d would hold ~%.1f GB of "
+                    "float64 factors (more than %.0f GB), so EK-FAC is used; set eigenbasis='low_rank' (or lower curvature_rank) "
+                    "to have it anyway.", dim, config.curvature_rank, low_rank_bytes / 1e9, LOW_RANK_MAX_BYTES / 1e9)
     if linear_owners(subspace) is None:
         raise TaskError(
             f"The closed-form solver needs an eigenbasis: this subspace has {dim:,} coordinates, more than "
