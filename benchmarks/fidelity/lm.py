@@ -75,7 +75,12 @@ def main() -> None:
         path = CACHE / f"lm-seed{args.seed}" / f"scores-{name}.safetensors"
         result = contenders(made, modules=args.modules, defaults=not args.no_defaults, only_defaults=args.defaults_only)
         if args.defaults_only:
-            result["scores"] = {**load_file(str(path)), **result["scores"]}
+            from hf_fwdattr.evaluation.metrics import lds
+
+            truth = ground_truth(made)
+            fit = lds(result["scores"]["defaults"].numpy(), truth["subsets"].numpy(), truth["outputs"].numpy().mean(0))
+            print(json.dumps({"defaults_lds": fit.mean, "stderr": fit.stderr}))
+            result["scores"] = {**(load_file(str(path)) if path.is_file() else {}), **result["scores"]}
         save_file({k: v.contiguous() for k, v in result["scores"].items()}, str(path), metadata={"format": "pt"})
         print(json.dumps({"dim": result["dim"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
                           "agreement": summary(result["scores"]), "spectrum": result["spectrum"]}, indent=1))
