@@ -56,25 +56,15 @@ def main() -> None:
     from transformers import pipeline
 
     import hf_fwdattr  # noqa: F401  (registers the pipeline)
-    from hf_fwdattr import ArtifactScorer, CausalLMTask, CompressionConfig, DocumentSet, InfluenceArtifact, query_gradients, simulate_responses
+    from hf_fwdattr import ArtifactScorer, DocumentSet, query_gradients, simulate_responses
     from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
-    from hf_fwdattr.integrations.compressed_build import plan_documents
 
     from . import setting
 
     preset = setting.PRESETS[args.preset]
-    model, tok = setting.fine_tuned(preset)
-    artifact = InfluenceArtifact.from_pretrained(setting.cache(preset) / "finetune" / "influence")
-    # the objective the callback simulated (Trainer's: the token mean of the NLL), as the artifact records it
-    objective = artifact.simulation.get("objective") or {}
-    task = CausalLMTask(pad_token_id=tok.pad_token_id, reduction=objective.get("reduction", "sum"),
-                        tokens_per_example=objective.get("tokens_per_example"))
-    rows, _ = setting.documents(preset, tok)
-    examples = [{"input_ids": r["input_ids"]} for r in rows]
-    plan = plan_documents(len(rows), artifact.compression or CompressionConfig(), artifact.config.seed)
-    used = set(plan["sample"]) | set(plan["validation"])
-    candidates = [i for i in range(len(rows)) if i not in used]
-    heldout = sorted(torch.tensor(candidates)[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(11))[: args.heldout]].tolist())
+    made = setting.heldout_setting(preset, args.heldout)
+    model, tok, artifact, task, rows = made["model"], made["tokenizer"], made["artifact"], made["task"], made["rows"]
+    examples, heldout = made["examples"], made["heldout"]
     generator = torch.Generator().manual_seed(12)
     train_queries = [examples[i] for i in torch.randperm(len(rows), generator=generator)[:32].tolist()]
     fact_queries = setting.fact_queries(preset, tok)

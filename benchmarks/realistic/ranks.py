@@ -25,9 +25,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=256)
     args = parser.parse_args()
 
-    from hf_fwdattr import ArtifactScorer, CausalLMTask, CompressionConfig, DocumentSet, InfluenceArtifact, query_gradients, simulate_responses
+    from hf_fwdattr import ArtifactScorer, DocumentSet, query_gradients, simulate_responses
     from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis
-    from hf_fwdattr.integrations.compressed_build import plan_documents
     from hf_fwdattr.query.compress import gram_basis
     from hf_fwdattr.stats import spearman_rows
     from hf_fwdattr.storage.shards import InMemoryResponses
@@ -36,17 +35,9 @@ def main() -> None:
 
     start = time.perf_counter()
     preset = setting.PRESETS[args.preset]
-    model, tok = setting.fine_tuned(preset)
-    artifact = InfluenceArtifact.from_pretrained(setting.cache(preset) / "finetune" / "influence")
-    objective = artifact.simulation.get("objective") or {}
-    task = CausalLMTask(pad_token_id=tok.pad_token_id, reduction=objective.get("reduction", "sum"),
-                        tokens_per_example=objective.get("tokens_per_example"))
-    rows, _ = setting.documents(preset, tok)
-    examples = [{"input_ids": r["input_ids"]} for r in rows]
-    plan = plan_documents(len(rows), artifact.compression or CompressionConfig(), artifact.config.seed)
-    used = set(plan["sample"]) | set(plan["validation"])
-    candidates = [i for i in range(len(rows)) if i not in used]
-    heldout = sorted(torch.tensor(candidates)[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(11))[: args.heldout]].tolist())
+    made = setting.heldout_setting(preset, args.heldout)
+    model, tok, artifact, task, rows = made["model"], made["tokenizer"], made["artifact"], made["task"], made["rows"]
+    examples, plan, heldout = made["examples"], made["plan"], made["heldout"]
     sample = plan["sample"][: args.sample]
     train_queries = [examples[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(12))[:32].tolist()]
     subspace = ArtifactScorer(artifact, model, task).subspace

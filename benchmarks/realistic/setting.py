@@ -163,5 +163,26 @@ def fine_tuned(preset: Preset):
     return PeftModel.from_pretrained(base, cache(preset) / "adapter").eval(), tokenizer(preset)
 
 
+def heldout_setting(preset: Preset, count: int) -> dict:
+    """The fine-tuned model, its artifact, the task under the objective the artifact records (Trainer's token mean), the
+    documents, and `count` seeded held-out documents outside the compression plan's sample and validation sets."""
+    from hf_fwdattr import CausalLMTask, CompressionConfig, InfluenceArtifact
+    from hf_fwdattr.integrations.compressed_build import plan_documents
+
+    model, tok = fine_tuned(preset)
+    artifact = InfluenceArtifact.from_pretrained(cache(preset) / "finetune" / "influence")
+    objective = artifact.simulation.get("objective") or {}
+    task = CausalLMTask(pad_token_id=tok.pad_token_id, reduction=objective.get("reduction", "sum"),
+                        tokens_per_example=objective.get("tokens_per_example"))
+    rows, _ = documents(preset, tok)
+    plan = plan_documents(len(rows), artifact.compression or CompressionConfig(), artifact.config.seed)
+    used = set(plan["sample"]) | set(plan["validation"])
+    candidates = [i for i in range(len(rows)) if i not in used]
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(11))[:count]
+    return {"model": model, "tokenizer": tok, "artifact": artifact, "task": task, "rows": rows,
+            "examples": [{"input_ids": r["input_ids"]} for r in rows], "plan": plan,
+            "heldout": sorted(torch.tensor(candidates)[order].tolist())}
+
+
 def describe(preset: Preset) -> dict:
     return asdict(preset)
