@@ -287,3 +287,44 @@ def test_auto_resolves_the_top_of_the_exact_ggn_beyond_the_explicit_size_and_say
     assert torch.isfinite(result.responses).all()
     kronecker = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, eigenbasis="kronecker")
     assert type(estimate_eigenbasis(subspace, lm_task, train, kronecker)).__name__ == "KroneckerEigenbasis"  # still selectable
+
+
+def test_the_default_horizon_applies_the_damped_inverse_without_an_eigendecomposition(lm_task):
+    """horizon='inf' (the default) with the explicit curvature: −(H + λI)⁻¹g from a Cholesky factorisation equals the
+    eigendecomposition's damped inverse; it travels between processes as its matrix, and refuses another config."""
+    from conftest import make_lm
+
+    from hf_fwdattr import AttributionConfig, DocumentSet, simulate_responses
+    from hf_fwdattr.errors import AttributionConfigError
+    from hf_fwdattr.estimator.eigenbasis import DampedInverse, ExplicitEigenbasis, eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis
+    from hf_fwdattr.estimator.gradients import document_gradients
+
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    train = lm_examples(12, seed=2)
+    config = AttributionConfig(damping=1e-2, weight_decay=1e-3, batch_size=6, dtype="float64")
+    basis = estimate_eigenbasis(subspace, lm_task, train, config)
+    assert isinstance(basis, DampedInverse) and basis.shift == pytest.approx(1.1e-2)
+    documents = DocumentSet.from_examples(train[:4], [f"d{i}" for i in range(4)])
+    result = simulate_responses(subspace, lm_task, documents, train, config, eigenbasis=basis)
+    exact = ExplicitEigenbasis.from_matrix(exact_ggn(subspace, lm_task, train, batch_size=6))
+    gradients = document_gradients(subspace, lm_task, documents, dtype=torch.float64)
+    torch.testing.assert_close(result.responses, -exact.damped_inverse(gradients, 1.1e-2), rtol=1e-7, atol=1e-9)
+    assert basis.max_eigenvalue == pytest.approx(exact.max_eigenvalue, rel=1e-3)
+
+    rebuilt = eigenbasis_from_state(eigenbasis_state(basis), AttributionSubspace.build(model, **kwargs))
+    torch.testing.assert_close(rebuilt.apply(gradients), basis.apply(gradients), rtol=0, atol=0)
+    with pytest.raises(AttributionConfigError, match="horizon='inf'"):
+        simulate_responses(subspace, lm_task, documents, train, AttributionConfig(damping=1e-2, horizon=300, batch_size=6), eigenbasis=basis)
+
+
+def test_the_damped_inverse_refuses_an_indefinite_curvature():
+    from hf_fwdattr.errors import SimulationDivergedError
+    from hf_fwdattr.estimator.eigenbasis import DampedInverse
+
+    matrix = torch.diag(torch.tensor([2.0, 0.5, -0.1], dtype=torch.float64))
+    with pytest.raises(SimulationDivergedError, match=r"eigenvalue -0\.1 below .*Raise `damping` above 0\.1"):
+        DampedInverse.from_matrix(matrix, 1e-3)
+    inverse = DampedInverse.from_matrix(matrix, 0.2)
+    torch.testing.assert_close(inverse.matrix, -torch.diag(1 / torch.tensor([2.2, 0.7, 0.1], dtype=torch.float64)))
+    assert inverse.max_eigenvalue == pytest.approx(2.0)

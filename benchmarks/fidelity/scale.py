@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--sketches", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--exact", action="store_true", help="Also build the exact GGN (one backward pass per factor slot).")
+    parser.add_argument("--defaults-build", action="store_true",
+                        help="Also time the defaults' whole build, AttributionConfig() over all N documents: curvature, its "
+                             "factorisation and every document's response (what the callback runs after training).")
     args = parser.parse_args()
 
     tok = setting.tokenizer()
@@ -97,6 +100,14 @@ def main() -> None:
         if args.exact:
             matrix = cpu("exact_ggn", lambda: exact_ggn(subspace, TASK, curvature_set, 32))
             agreement("explicit, exact GGN", cpu("exact_eigh", lambda: ExplicitEigenbasis.from_matrix(matrix)))
+        if args.defaults_build:
+            import logging
+
+            logging.basicConfig(format="%(name)s: %(message)s")
+            logging.getLogger("hf_fwdattr").setLevel(logging.INFO)  # which basis 'auto' chose, and why
+            cpu("defaults_build", lambda: simulate_responses(subspace, TASK, documents, examples, AttributionConfig()))
+            report["defaults_build_vs_epoch"] = report["cpu_seconds"]["defaults_build"] / report["cpu_seconds"]["epoch"]
+            print(f"defaults' build: {report['defaults_build_vs_epoch']:.2f}× an epoch", flush=True)
     print(json.dumps(report, indent=1))
 
 

@@ -29,12 +29,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..errors import SimulationDivergedError
+from ..errors import AttributionConfigError, SimulationDivergedError
 from ..progress import progress_bar
 from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
 from .documents import DocumentSet, MinibatchSequence
-from .eigenbasis import estimate_eigenbasis, horizon_filter
+from .eigenbasis import DampedInverse, estimate_eigenbasis, horizon_filter, indefinite_curvature_message
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import GradientMethod, document_gradients
 from .subspace import AttributionSubspace
@@ -166,16 +166,15 @@ def _refuse_non_finite(responses: torch.Tensor, ids: Sequence[str], config: Attr
 
 def _closed_form(eigenbasis, gradients: torch.Tensor, config: AttributionConfig, step_size: float, ids) -> torch.Tensor:
     shift = config.curvature_shift
+    if isinstance(eigenbasis, DampedInverse):
+        if config.steps is not None or eigenbasis.shift != shift:
+            raise AttributionConfigError(
+                f"This curvature was factored as −(H + {eigenbasis.shift:g}·I)⁻¹, for horizon='inf' with λ + weight_decay = "
+                f"{eigenbasis.shift:g}; the config asks for horizon={config.horizon!r} and λ + weight_decay = {shift:g}. "
+                "Estimate the eigenbasis with this config (estimate_eigenbasis) instead of reusing it.")
+        return eigenbasis.apply(gradients)
     if eigenbasis.min_eigenvalue + shift < 0:
-        lowest = eigenbasis.min_eigenvalue
-        advice = (f"Raise `damping` above {-lowest:.4g}, or use curvature='ggn'." if config.curvature is Curvature.HESSIAN else
-                  f"Raise `damping` above {-lowest:.4g} (e.g. to {-2 * lowest:.2g}): the GGN (curvature='ggn', already set) is positive "
-                  "semi-definite, so a negative eigenvalue is rounding error of its products, as in a model that computes in bfloat16 "
-                  "or float16, and the damping absorbs it.")
-        raise SimulationDivergedError(
-            f"The closed-form simulation would diverge: the curvature has an eigenvalue {lowest:.4g} below "
-            f"−(λ + weight_decay) = {-shift:.4g}, so (1 − η(h + λ))^K grows without bound. " + advice
-        )
+        raise SimulationDivergedError(indefinite_curvature_message(eigenbasis.min_eigenvalue, shift, config.curvature))
     if step_size * (eigenbasis.max_eigenvalue + shift) >= 2:
         raise SimulationDivergedError(
             f"The closed-form simulation would diverge: η(h_max + λ) = {step_size * (eigenbasis.max_eigenvalue + shift):.3g} >= 2 "
