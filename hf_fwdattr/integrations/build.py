@@ -74,6 +74,12 @@ class _Processes:
         broadcast_object_list(holder, from_process=0)
         return holder[0]
 
+    def pending_shards(self, writer) -> list:
+        """The shards still to write, as the main process sees them, on every process. Each process reading the folder
+        itself would race: a fast process finishes a shard before a slow one lists the folder, the two lists differ,
+        and the shards are dealt out by position, so some would be written by no process."""
+        return self.broadcast(writer.pending() if self.is_main else None)
+
 
 def build_influence_artifact(
     model: torch.nn.Module,
@@ -169,7 +175,7 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
     processes.barrier()
     if not processes.is_main:
         writer = ShardWriter(staging, identity, len(table), built.dim, dtype, max_shard_size, shard_rows, create=False)
-    pending = writer.pending()
+    pending = processes.pending_shards(writer)
     mine = [shard for position, shard in enumerate(pending) if position % processes.world == processes.rank]
     if processes.is_main and len(pending) < len(writer.names):
         logger.info("Resuming: %d of %d shards are already simulated in %s.", len(writer.names) - len(pending), len(writer.names), staging)

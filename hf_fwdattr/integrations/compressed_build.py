@@ -158,7 +158,7 @@ def simulate_compressed(
         processes.barrier()
         if not processes.is_main:
             writer = ShardWriter(work, first_identity, len(first), dim, torch.float32, shard_rows=chunk, create=False)
-        pending = writer.pending()
+        pending = processes.pending_shards(writer)
         bar = tqdm(total=len(pending), desc="Compressed simulation: sample responses", disable=not show)
         for position, (index, lo, hi) in enumerate(pending):
             if position % processes.world == processes.rank:
@@ -212,7 +212,7 @@ def simulate_compressed(
     test_gradients = query_gradients(subspace, task, test_queries, dtype=torch.float32)
     in_first = {row: position for position, row in enumerate(first)}
     heldout = set(plan["heldout"])
-    pending = writer.pending()
+    pending = processes.pending_shards(writer)
     bar = tqdm(total=len(documents), desc="Compressed simulation: all documents", disable=not show)
     for position, (index, lo, hi) in enumerate(pending):
         if position % processes.world != processes.rank:

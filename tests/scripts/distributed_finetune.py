@@ -21,7 +21,28 @@ COMPRESSED = CompressionConfig(storage="compressed", sample_documents=6, validat
                                shard_documents=3, chunk_size=4 * 2 * 2048)
 
 
+def _slow_second_rank(seconds: float = 3.0) -> None:
+    """Rank 1 opens every shard folder `seconds` late (SLOW_SECOND_RANK=1): by then rank 0 has written shards, which a
+    process listing the folder itself would drop from its share of the work (the race the build must not have)."""
+    import os
+    import time
+
+    from hf_fwdattr.storage.shards import ShardWriter
+
+    if os.environ.get("SLOW_SECOND_RANK") != "1" or os.environ.get("RANK") != "1":
+        return
+    opened = ShardWriter.__init__
+
+    def late(self, *args, **kwargs):
+        if not kwargs.get("create", True):
+            time.sleep(seconds)
+        opened(self, *args, **kwargs)
+
+    ShardWriter.__init__ = late
+
+
 def main(base_dir: str, output_dir: str, solver: str = "closed_form", storage: str = "exact") -> None:
+    _slow_second_rank()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
