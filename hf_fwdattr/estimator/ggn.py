@@ -162,6 +162,7 @@ def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], b
     p, scale = subspace.dim, len(examples) ** -0.5
     kept: list[torch.Tensor] = []
     kept_rows = 0
+    dense = False  # past p rows: the [p, p] matrix is the smaller form, for good
     matrix: Optional[torch.Tensor] = None
     pending: list[torch.Tensor] = []
     pending_rows = 0
@@ -179,20 +180,22 @@ def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], b
     for batch in progress_bar(batches, desc="Curvature (exact GGN)", enabled=progress):
         for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype, samples=samples, generator=generator):
             rows = rows[rows.abs().amax(dim=1) > 0]  # examples without a factor in this slot
-            if matrix is None and kept_rows + len(rows) <= p:
-                kept.append(rows.to(torch.float64) * scale)
+            if not dense and kept_rows + len(rows) <= p:
+                kept.append(rows)
                 kept_rows += len(rows)
                 continue
-            if kept:  # past p rows: the matrix is the smaller form
-                pending.extend(row / scale for row in kept)
+            if not dense:
+                dense = True
+                pending.extend(kept)
+                pending_rows += kept_rows
                 kept.clear()
             pending.append(rows)
             pending_rows += len(rows)
             if pending_rows >= chunk_rows:
                 flush()
     flush()
-    if matrix is None:
-        return GaussNewton(rows=torch.cat(kept) if kept else torch.zeros(0, p, dtype=torch.float64, device=subspace.device))
+    if not dense:
+        return GaussNewton(rows=torch.cat(kept).to(torch.float64) * scale if kept else torch.zeros(0, p, dtype=torch.float64, device=subspace.device))
     return GaussNewton(matrix=matrix)
 
 

@@ -157,9 +157,9 @@ def _psd_factors(matrices: torch.Tensor, relative_floor: float = 1e-10) -> torch
     return (vectors * scale[..., None, :]).transpose(-1, -2).to(matrices.dtype)
 
 
-def _rademacher(shape: Sequence[int], generator: Optional[torch.Generator]) -> torch.Tensor:
-    """±1 entries, float64, drawn on the CPU from `generator` (reproducible whatever the device)."""
-    return torch.randint(0, 2, tuple(shape), generator=generator).to(torch.float64) * 2 - 1
+def _rademacher(shape: Sequence[int], generator: Optional[torch.Generator], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """±1 entries in `dtype`, drawn on the CPU from `generator` (reproducible whatever the device)."""
+    return torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8).to(dtype) * 2 - 1
 
 
 def _to_tensor(values: Any) -> torch.Tensor:
@@ -365,14 +365,17 @@ class CausalLMTask(AttributionTask):
         cross-entropy curvature, at the cost of a vocabulary-sized vector — no factorisation, any output head."""
         batch = _batch_to(batch, _model_device(model))
         logits = self.outputs(model, batch)[:, :-1]
-        probabilities = torch.softmax(logits.detach().double(), dim=-1)
+        # float32 at least: a sketch's sampling error is far above float32 round-off, and its vocabulary-sized draws
+        # cost a third of float64's
+        precision = torch.promote_types(logits.dtype, torch.float32)
+        probabilities = torch.softmax(logits.detach().to(precision), dim=-1)
         root = probabilities.sqrt()
         scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.device)
-        scale = (self._example_weights(scored).sqrt()[:, None] * scored)[..., None] / samples**0.5
+        scale = ((self._example_weights(scored).sqrt()[:, None] * scored)[..., None] / samples**0.5).to(precision)
 
         def draws() -> Iterator[torch.Tensor]:
             for _ in range(samples):
-                signed = root * _rademacher(root.shape, generator).to(root.device)
+                signed = root * _rademacher(root.shape, generator, precision).to(root.device)
                 yield ((signed - probabilities * signed.sum(dim=-1, keepdim=True)) * scale).to(logits.dtype)
 
         return logits, draws()
