@@ -141,7 +141,7 @@ def table(calibration: Calibration) -> str:
         f"run (CPU): the simulation's document passes cost {calibration.document_pass:.2f}× the epoch per document, the EK-FAC "
         f"estimate {calibration.curvature:.2f}× an epoch over its {CURVATURE_EXAMPLES:,} examples; k = {calibration.rank} "
         f"(the run's rank; the basis stored in float16, coefficients and source sums in float32), a first pass of {calibration.sample:,} documents, {SOURCES} sources. 8 GPUs: `accelerate launch` shares the "
-        "documents out; every process estimates the EK-FAC eigenbasis itself (as `build_influence_artifact` does today).",
+        "documents out; the main process estimates the EK-FAC eigenbasis and broadcasts it (as `build_influence_artifact` does), so its time is not divided.",
         "",
         "| model | params | p (LoRA r=16) | EK-FAC factors + eigenvectors (fp32) | N | GPUs | epoch | simulation | simulation / epoch | exact responses | compressed artifact | per query, compressed (k JVPs) | per query, exact (N JVPs) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
