@@ -197,20 +197,21 @@ class DampedInverse:
         """From the explicit curvature H; refuses (SimulationDivergedError) an H + sI that is not positive definite."""
         start = time.perf_counter()
         dtype = dtype or curvature.dtype
-        symmetric = ((curvature + curvature.T) / 2).double()
-        identity = torch.eye(len(symmetric), dtype=symmetric.dtype, device=symmetric.device)
-        factor, info = torch.linalg.cholesky_ex(symmetric + shift * identity)
+        shifted = ((curvature + curvature.T) / 2).double()  # H + sI, built in place: p² float64 copies are the memory here
+        shifted.diagonal().add_(shift)
+        factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) != 0:
-            lowest = float(torch.linalg.eigvalsh(symmetric)[0])
+            lowest = float(torch.linalg.eigvalsh(shifted)[0]) - shift
             raise SimulationDivergedError(indefinite_curvature_message(min(lowest, -shift), shift, kind))
-        inverse = torch.cholesky_inverse(factor)
-        vector = torch.randn(len(symmetric), dtype=symmetric.dtype, generator=torch.Generator().manual_seed(0)).to(symmetric.device)
-        for _ in range(power_iterations):
-            vector = symmetric @ vector
+        vector = torch.randn(len(shifted), dtype=shifted.dtype, generator=torch.Generator().manual_seed(0)).to(shifted.device)
+        for _ in range(power_iterations):  # on H + sI, positive definite: its top eigenvalue is H's plus s
+            vector = shifted @ vector
             vector = vector / vector.norm().clamp_min(1e-300)
-        top = float(vector @ symmetric @ vector)
+        top = float(vector @ shifted @ vector) - shift
+        del shifted
+        inverse = torch.cholesky_inverse(factor).neg_().to(dtype)
         seconds = (seconds or 0.0) + time.perf_counter() - start
-        return cls((-inverse).to(dtype), shift, top, seconds)
+        return cls(inverse, shift, top, seconds)
 
     @property
     def max_eigenvalue(self) -> float:
