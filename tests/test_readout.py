@@ -174,6 +174,13 @@ def test_batched_lora_jvp_equals_the_functional_jvp(lm_responses, case):
     scale = functional.tokens.abs().max()
     torch.testing.assert_close(batched.tokens, functional.tokens, rtol=1e-5, atol=1e-5 * float(scale))
     torch.testing.assert_close(batched.total, functional.total, rtol=1e-5, atol=1e-5 * float(scale))
+    # the tangent attention is switched on for each readout and off after it (the first time through transformers'
+    # set_attn_implementation, then by its config attribute): the model's own implementation is left as it was
+    model = subspace.model.get_base_model() if hasattr(subspace.model, "get_base_model") else subspace.model
+    before = model.config._attn_implementation
+    again = ForwardReadout(subspace, task, "jvp", engine="lora_batch").token_scores(queries, responses)
+    assert model.config._attn_implementation == before != "fwdattr_tangent_sdpa"
+    torch.testing.assert_close(again.tokens, batched.tokens, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", [("llama", "peft"), ("llama", "projection"), ("gpt2", "peft")])

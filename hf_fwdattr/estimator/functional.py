@@ -100,9 +100,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     needed only while checkpointed training runs (eval mode turns checkpointing off) and fails inside `torch.func`
     transforms, so it is taken off for the duration.
     """
-    flags = {m: m.training for m in model.modules()}
-    removed = []
-    for module in model.modules():
+    flags, removed = {}, []
+    for module in model.modules():  # one walk: it runs on every readout
+        flags[module] = module.training
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
                 removed.append((module, key, module._forward_hooks.pop(key)))

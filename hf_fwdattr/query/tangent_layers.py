@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -237,6 +238,26 @@ def _register() -> bool:
 _REGISTERED = _register()
 
 
+# models whose attention implementation is one config attribute (no sub-configs, every sub-model on the same config)
+_ONE_CONFIG: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _set_attention(module: nn.Module, implementation: str) -> None:
+    """`module.set_attn_implementation(implementation)`, which walks every submodule (a millisecond per readout on a
+    small model): done so the first time, then, for a model whose implementation is one config attribute, by setting
+    that attribute as `set_attn_implementation` itself does."""
+    one_config = _ONE_CONFIG.get(module)
+    if one_config:
+        module.config._attn_implementation_internal = implementation
+        return
+    module.set_attn_implementation(implementation)
+    if one_config is None:
+        from transformers import PreTrainedModel
+
+        _ONE_CONFIG[module] = not getattr(module.config, "sub_configs", None) and all(
+            sub.config is module.config for sub in module.modules() if isinstance(sub, PreTrainedModel))
+
+
 @contextlib.contextmanager
 def attention_with_tangents(models: list[nn.Module], copies: int = 1) -> Iterator[None]:
     """Run attention through `tangent_attention` for the duration, in each of `models` (transformers models, e.g.
@@ -253,11 +274,11 @@ def attention_with_tangents(models: list[nn.Module], copies: int = 1) -> Iterato
                 implementation = module.config._attn_implementation
                 can_switch = getattr(module, "_can_set_attn_implementation", lambda: True)
                 if implementation != TANGENT_ATTENTION and can_switch():
-                    module.set_attn_implementation(TANGENT_ATTENTION)
+                    _set_attention(module, TANGENT_ATTENTION)
                     switched.append((module, implementation))
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         _COPIES.reset(token)
         for module, implementation in reversed(switched):
-            module.set_attn_implementation(implementation)
+            _set_attention(module, implementation)
