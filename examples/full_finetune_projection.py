@@ -25,7 +25,8 @@ callback = ForwardAttributionCallback(document_column="document_id", source_colu
                                       projection_rank=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
                                       config=AttributionConfig(damping=1e-3, batch_size=16, eigenbasis="kronecker"))
 # eigenbasis="kronecker" (EK-FAC) builds in seconds on a CPU. Without it the default for this many coordinates is the
-# low-rank eigenbasis of the exact GGN: closer to exact damped influence, but MINUTES here (see README, "Defaults").
+# low-rank eigenbasis of the exact GGN: closer to exact damped influence, but minutes here (docs/method.md says which
+# basis 'auto' picks, and why).
 args = TrainingArguments(output_dir=str(output_dir), num_train_epochs=20, learning_rate=2e-3, per_device_train_batch_size=8,
                          remove_unused_columns=False, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                          logging_steps=10_000, seed=0)
