@@ -354,3 +354,46 @@ def test_batched_engine_on_a_projection_next_to_the_models_own_adapter(lm_task):
             batched = ForwardReadout(subspace, lm_task, mode, engine="lora_batch").scores(queries, directions)
             functional = ForwardReadout(subspace, lm_task, mode, engine="functional").scores(queries, directions)
             assert (batched - functional).norm() / functional.norm() < tolerance, mode
+
+
+# ---------------------------------------------------------------------- the Llama decoder stack written out whole
+@pytest.mark.parametrize("case", [("llama", "peft"), ("llama", "projection")])
+def test_llama_decoder_stack_carries_its_tangents_by_hand(lm_responses, case, monkeypatch):
+    """A Llama's decoder stack runs as one hand-written (primal, tangents) forward, every layer of it, and gives
+    torch.func.jvp's numbers on a padded batch with grouped-query attention."""
+    import hf_fwdattr.query.tangent_llama as tangent_llama
+
+    calls = []
+    layer = tangent_llama._layer
+    monkeypatch.setattr(tangent_llama, "_layer", lambda *args: calls.append(1) or layer(*args))
+    subspace, task, responses = lm_responses[case]
+    queries = lm_queries(lm_examples(3, seed=21))
+    assert len({len(query["input_ids"]) for query in queries}) > 1, "the batch must be padded"
+    with backward_forbidden() as saved:
+        batched = ForwardReadout(subspace, task, "jvp", engine="lora_batch").token_scores(queries, responses)
+    assert saved["count"] == 0
+    assert len(calls) == 2, "both decoder layers of the tiny Llama, once each, in one readout"
+    functional = ForwardReadout(subspace, task, "jvp", engine="functional").token_scores(queries, responses)
+    scale = float(functional.tokens.abs().max())
+    torch.testing.assert_close(batched.tokens, functional.tokens, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_a_llama_the_stack_does_not_write_out_keeps_the_layer_by_layer_path(lm_task, monkeypatch):
+    """A Llama with another activation is not written out whole (only SiLU is): the layer-by-layer tangents run, and
+    are exact too."""
+    from peft import LoraConfig, get_peft_model
+
+    import hf_fwdattr.query.tangent_llama as tangent_llama
+
+    calls = []
+    layer = tangent_llama._layer
+    monkeypatch.setattr(tangent_llama, "_layer", lambda *args: calls.append(1) or layer(*args))
+    model = get_peft_model(tiny_llama(VOCAB, hidden_act="gelu"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    subspace = AttributionSubspace.build(model, spec="peft")
+    assert tangent_llama.llama_stack_plan(model) is None
+    queries = lm_queries(lm_examples(2, seed=22))
+    directions = torch.randn(3, subspace.dim, generator=torch.Generator().manual_seed(0))
+    batched = ForwardReadout(subspace, lm_task, "jvp", engine="lora_batch").scores(queries, directions)
+    assert not calls
+    functional = ForwardReadout(subspace, lm_task, "jvp", engine="functional").scores(queries, directions)
+    torch.testing.assert_close(batched, functional, rtol=1e-5, atol=1e-5 * float(functional.abs().max()))

@@ -17,6 +17,7 @@ batched over d; everything else in the model runs once, unchanged, on the larger
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -28,11 +29,15 @@ from torch import nn
 from ..errors import ReadoutError
 from ..estimator.functional import pretrained_models
 from ..estimator.subspace import AttributionSubspace
+from .tangent_llama import StackPlan, llama_stack_forward, llama_stack_plan
 from .tangent_layers import (
     attention_with_tangents,
     first_copy,
     is_linear,
+    linear_pair,
     linear_tangent_forward,
+    linear_weight,
+    per_copy,
     replicate,
     rms_norm_epsilon,
     rms_norm_tangent_forward,
@@ -153,6 +158,7 @@ class LoRABatchEngine:
         self.layers = layers
         self._effective: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
         self._plan: Optional[list[tuple[nn.Module, str, Optional[float]]]] = None
+        self._stack: Optional[tuple[Optional[StackPlan]]] = None  # (the Llama stack written out, or None), once found
         self._models = pretrained_models(subspace.model)  # whose attention the JVP switches to `tangent_attention`
 
     @staticmethod
@@ -254,18 +260,46 @@ class LoRABatchEngine:
 
     def _effective_weight(self, module: nn.Module) -> torch.Tensor:
         """`_effective_weight`, recomputed only when a weight, the active adapters or a scaling changed."""
-        state = _weights_state(module)
+        return self._layer_weights(module)[0]
+
+    def _layer_weights(self, module: nn.Module, adapter: Optional[str] = None) -> tuple:
+        """(W_eff, s·Aᵀ, s·Bᵀ of `adapter`) as `lora_pair` uses them, recomputed only when a weight, the active adapters
+        or a scaling changed (every readout would otherwise pay a few operations per layer for them)."""
+        state = (_weights_state(module), adapter)
         cached = self._effective.get(module)
         if cached is None or cached[0] != state:
-            cached = (state, _effective_weight(module))
+            effective = _effective_weight(module)
+            factors = (None, None)
+            if adapter is not None:
+                factors = ((module.lora_A[adapter].weight.detach() * module.scaling[adapter]).T.to(effective.dtype),  # [in, r]
+                           (module.lora_B[adapter].weight.detach() * module.scaling[adapter]).T.to(effective.dtype))  # [r, out]
+            cached = (state, (effective, *factors))
             self._effective[module] = cached
         return cached[1]
+
+    def _stack_plan(self) -> Optional[StackPlan]:
+        """The model's Llama decoder stack, if `tangent_llama` can write it out (looked for once)."""
+        if self._stack is None:
+            self._stack = (llama_stack_plan(self.subspace.model),)
+        return self._stack[0]
+
+    def _frozen_lora_pair(self, module: nn.Module):
+        """A PEFT LoRA layer outside the subspace as a plain linear map (its weight as its forward applies it), or None
+        for a LoRA variant, which is not one."""
+        if any(_has_variant(module, name) for name in module.active_adapters if name in module.lora_A):
+            return None
+        base = module.get_base_layer()
+        if module.merged or module.disable_adapters:
+            weight = base.weight.T if module.fan_in_fan_out else base.weight
+        else:
+            weight = self._effective_weight(module)
+        return functools.partial(linear_pair, weight.detach(), base.bias)
 
     @contextlib.contextmanager
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
         copies = len(directions)
         batch_rows = copies * rows
-        patched = []
+        patched, pairs = [], {}
         for layer in self.layers:
             module = layer.module
             if not _applies(module, layer.adapter):
@@ -273,57 +307,87 @@ class LoRABatchEngine:
             if any(_has_variant(module, name) for name in module.active_adapters if name in module.lora_A):
                 raise ReadoutError("A layer with the subspace's adapter also runs a LoRA variant (DoRA, LoRA bias, ...) of another active "
                                    "adapter; the batched JVP writes out plain LoRA layers only. Use engine='functional'.")
-            a_weight, b_weight = module.lora_A[layer.adapter].weight, module.lora_B[layer.adapter].weight
-            # views of the block (no copies for a contiguous one): a_dᵀ [copies, in, r], b_dᵀ [copies, r, out]
-            a_t = None if layer.a is None else directions[:, layer.a].reshape(copies, *a_weight.shape).transpose(1, 2)
-            b_t = None if layer.b is None else directions[:, layer.b].reshape(copies, *b_weight.shape).transpose(1, 2)
-            patched.append((module, _tangent_forward(module, layer.adapter, self._effective_weight(module), a_t, b_t, batch_rows)))
+            weights = self._layer_weights(module, layer.adapter)
+            pairs[module] = lora_pair(module, layer.adapter, *weights, *_layer_sides(directions, layer, weights[0].dtype), copies)
+            patched.append((module, _tangent_forward(pairs[module], copies, batch_rows)))
         for module, kind, epsilon in self._other_layers():
             if kind == "linear":
+                pairs[module] = functools.partial(linear_pair, linear_weight(module), module.bias)
                 patched.append((module, linear_tangent_forward(module, copies)))
             elif kind == "rms_norm":
                 patched.append((module, rms_norm_tangent_forward(module, epsilon, copies)))
             else:
                 patched.append((module, zero_tangent_outputs(module)))
+        stack = self._stack_plan()
+        if stack is not None:
+            linear = _lora_linear_class()
+            for module in stack.projections():
+                if module not in pairs and linear is not None and isinstance(module, linear):
+                    pairs[module] = self._frozen_lora_pair(module)
+            if all(pairs.get(module) is not None for module in stack.projections()):
+                # the whole decoder stack by hand; the layer-by-layer forwards above serve what it hands back to them
+                original = type(stack.stack).forward.__get__(stack.stack)
+                patched.append((stack.stack, llama_stack_forward(stack, pairs, copies, original)))
         with _patched_forwards(patched):
             yield
 
 
-def _tangent_forward(module: nn.Module, adapter: str, effective: torch.Tensor, a_t: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
-                     batch_rows: int):
-    """The LoRA layer's forward carrying its tangent by hand: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the
-    merged weight) on the first copy of the batch, repeated; the tangent x_t W_effᵀ (the incoming one) plus the
-    layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ] for copy d."""
+def lora_pair(module: nn.Module, adapter: str, effective: torch.Tensor, scaled_a_t: torch.Tensor, scaled_b_t: torch.Tensor,
+              a_rows: Optional[torch.Tensor], b_rows: Optional[torch.Tensor], copies: int):
+    """The LoRA layer as a (primal, tangents) map: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the merged weight) of
+    one copy's input x [rows, ..., in], and for every direction d the tangent x_t W_effᵀ (the incoming one, [copies,
+    rows, ..., in] or None) plus the layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ]. `scaled_a_t` is s·Aᵀ [in, r] and
+    `scaled_b_t` s·Bᵀ [r, out], in W_eff's dtype; `a_rows` [copies·r, in] and `b_rows` [copies·out, r] hold every
+    direction's a_d and b_d stacked (`_layer_sides`; None: that matrix is not in the subspace), so each term is one
+    matrix product for all directions."""
     dtype = effective.dtype
-    a_weight_t = module.lora_A[adapter].weight.detach().T.to(dtype)  # [in, r]
-    scaling = module.scaling[adapter]
-    scaled_b_t = (module.lora_B[adapter].weight.detach() * scaling).T.to(dtype)  # [r, out]
-    a_t = None if a_t is None else a_t.to(dtype)
-    b_t = None if b_t is None else (b_t * scaling).to(dtype)
     bias = module.get_base_layer().bias
-    copies = (a_t if a_t is not None else b_t).shape[0]
+    out_features = effective.shape[0]
+
+    def pair(x: torch.Tensor, x_t: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x if x.dtype == dtype else x.to(dtype)
+        out = F.linear(h, effective, bias)
+        h = h.reshape(-1, h.shape[-1])
+        own = None  # [positions, copies, out]
+        if a_rows is not None:  # (x a_dᵀ) s·Bᵀ
+            own = F.linear(h, a_rows).reshape(-1, scaled_b_t.shape[0]).matmul(scaled_b_t).reshape(h.shape[0], copies, out_features)
+        if b_rows is not None:  # (x s·Aᵀ) b_dᵀ
+            moved = F.linear(h.matmul(scaled_a_t), b_rows).reshape(h.shape[0], copies, out_features)
+            own = moved if own is None else own + moved
+        own = own.transpose(0, 1).reshape(copies, *x.shape[:-1], out_features)
+        tangent = own if x_t is None else F.linear(x_t if x_t.dtype == dtype else x_t.to(dtype), effective) + own
+        if out.dtype != x.dtype:
+            out, tangent = out.to(x.dtype), tangent.to(x.dtype)
+        return out, tangent
+
+    return pair
+
+
+def _layer_sides(directions: torch.Tensor, layer: _LoRACoordinates, dtype: torch.dtype) -> tuple:
+    """One layer's blocks of every direction stacked as `lora_pair` multiplies them: a_rows [copies·r, in] (row d·r + j
+    is row j of direction d's A block) and b_rows [copies·out, r] likewise for B (None for a matrix outside the
+    subspace)."""
+    module, copies = layer.module, len(directions)
+    sides = []
+    for span, matrix in ((layer.a, "lora_A"), (layer.b, "lora_B")):
+        if span is None:
+            sides.append(None)
+            continue
+        rows, columns = getattr(module, matrix)[layer.adapter].weight.shape
+        block = directions[:, span].reshape(copies * rows, columns)
+        sides.append(block if block.dtype == dtype else block.to(dtype))
+    return tuple(sides)
+
+
+def _tangent_forward(pair, copies: int, batch_rows: int):
+    """A LoRA layer's forward on dual tensors through its `lora_pair`: the primal on the first copy of the batch,
+    repeated (every copy's primal is θ*'s)."""
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_rows(x, batch_rows)
         primal, incoming = forward_ad.unpack_dual(x)
-        h = first_copy(primal, copies)  # every copy's primal is θ*'s: compute it once
-        if h.dtype != dtype:
-            h = h.to(dtype)
-        out = F.linear(h, effective, bias)
-        h = h.reshape(1, -1, h.shape[-1])
-        own = None
-        if a_t is not None:
-            own = torch.matmul(torch.matmul(h, a_t), scaled_b_t)
-        if b_t is not None:
-            moved = torch.matmul(torch.matmul(h, a_weight_t), b_t)
-            own = moved if own is None else own + moved
-        tangent = own.reshape(*primal.shape[:-1], own.shape[-1])
-        if incoming is not None:
-            tangent = tangent + F.linear(incoming if incoming.dtype == dtype else incoming.to(dtype), effective)
-        out = replicate(out, copies)
-        if out.dtype != primal.dtype:
-            out, tangent = out.to(primal.dtype), tangent.to(primal.dtype)
-        return forward_ad.make_dual(out, tangent)
+        out, tangent = pair(first_copy(primal, copies), None if incoming is None else per_copy(incoming, copies))
+        return forward_ad.make_dual(replicate(out, copies), tangent.reshape(*primal.shape[:-1], tangent.shape[-1]))
 
     return forward
 

@@ -64,17 +64,27 @@ def is_linear(module: nn.Module) -> bool:
     return type(module) is Conv1D
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's (`is_linear`) weight as [out, in] (GPT-2's Conv1D keeps [in, out])."""
+    return module.weight if type(module) is nn.Linear else module.weight.T
+
+
+def linear_pair(weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor, x_t: Optional[torch.Tensor]):
+    """(x Wᵀ + b, x_t Wᵀ): a linear layer on one copy's primal and every copy's tangent (None: no tangent)."""
+    return F.linear(x, weight, bias), None if x_t is None else F.linear(x_t, weight)
+
+
 def linear_tangent_forward(module: nn.Module, copies: int = 1):
     """A linear layer's forward (`is_linear`) carrying its tangent by hand (x_t Wᵀ): forward AD's numbers, without its
     overhead for a weight that has no tangent; with `copies`, the primal of a dual input is computed once."""
-    weight = module.weight if type(module) is nn.Linear else module.weight.T  # Conv1D keeps [in, out]
+    weight = linear_weight(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         primal, incoming = forward_ad.unpack_dual(x)
         if incoming is None:
             return F.linear(primal, weight, module.bias)
-        out = replicate(F.linear(first_copy(primal, copies), weight, module.bias), copies)
-        return forward_ad.make_dual(out, F.linear(incoming, weight))
+        out, tangent = linear_pair(weight, module.bias, first_copy(primal, copies), incoming)
+        return forward_ad.make_dual(replicate(out, copies), tangent)
 
     return forward
 
@@ -111,18 +121,26 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> tuple[to
     return weight * (normed if normed.dtype == x.dtype else normed.to(x.dtype)), h, r
 
 
+def rms_norm_pair(weight: torch.Tensor, epsilon: float, x: torch.Tensor, x_t: Optional[torch.Tensor]):
+    """An RMS normalisation on one copy's primal `x` and the tangents `x_t` ([copies, *x.shape] or None):
+    d(w ⊙ x r) = w ⊙ r (x_t − x r² mean(x x_t))."""
+    out, h, r = _rms_norm(x, weight, epsilon)
+    if x_t is None:
+        return out, None
+    h_t = x_t if x_t.dtype == torch.float32 else x_t.float()
+    normed_t = r * (h_t - h * (r * r) * (h * h_t).mean(-1, keepdim=True))
+    return out, weight * (normed_t if normed_t.dtype == x.dtype else normed_t.to(x.dtype))
+
+
 def rms_norm_tangent_forward(module: nn.Module, epsilon: float, copies: int = 1):
-    """An RMS normalisation forward carrying its tangent by hand: d(w ⊙ x r) = w ⊙ r (x_t − x r² mean(x x_t));
-    with `copies`, the primal of a dual input is computed once."""
+    """An RMS normalisation forward carrying its tangent by hand (`rms_norm_pair`); with `copies`, the primal of a dual
+    input is computed once."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         primal, incoming = forward_ad.unpack_dual(x)
         if incoming is None:
             return _rms_norm(primal, module.weight, epsilon)[0]
-        out, h, r = _rms_norm(first_copy(primal, copies), module.weight, epsilon)
-        h_t = per_copy(incoming if incoming.dtype == torch.float32 else incoming.float(), copies)
-        normed_t = r * (h_t - h * (r * r) * (h * h_t).mean(-1, keepdim=True))
-        tangent = module.weight * (normed_t if normed_t.dtype == primal.dtype else normed_t.to(primal.dtype))
+        out, tangent = rms_norm_pair(module.weight, epsilon, first_copy(primal, copies), per_copy(incoming, copies))
         return forward_ad.make_dual(replicate(out, copies), tangent.reshape(incoming.shape))
 
     return forward
@@ -147,11 +165,11 @@ def zero_tangent_outputs(module: nn.Module):
     return forward
 
 
-def _expand_heads(tensor: Optional[torch.Tensor], groups: int) -> Optional[torch.Tensor]:
-    """Grouped-query attention: each key/value head serves `groups` query heads."""
+def _expand_heads(tensor: Optional[torch.Tensor], groups: int, dim: int = 1) -> Optional[torch.Tensor]:
+    """Grouped-query attention: each key/value head (along `dim`) serves `groups` query heads."""
     if tensor is None or groups == 1:
         return tensor
-    return tensor.repeat_interleave(groups, dim=1)
+    return tensor.repeat_interleave(groups, dim=dim)
 
 
 def _sdpa_attention():
@@ -182,19 +200,35 @@ def tangent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     copies = _COPIES.get()
     if q.shape[0] % copies or (attention_mask is not None and attention_mask.shape[0] not in (1, q.shape[0])):
         copies = 1
-    groups = getattr(module, "num_key_value_groups", 1) or 1
-    # primal on the first copy of the batch; tangents as [copies, rows, heads, length, head_dim]
-    k, v = (_expand_heads(first_copy(t, copies), groups) for t in (k, v))
-    q = first_copy(q, copies)
-    q_t = None if q_t is None else per_copy(q_t, copies)
-    k_t, v_t = (None if t is None else per_copy(_expand_heads(t, groups), copies) for t in (k_t, v_t))
     if attention_mask is not None and attention_mask.shape[0] > 1:
         attention_mask = first_copy(attention_mask, copies)
+    # primal on the first copy of the batch; tangents as [copies, rows, heads, length, head_dim]
+    out, tangent = attention_pair(
+        first_copy(q, copies), None if q_t is None else per_copy(q_t, copies),
+        first_copy(k, copies), None if k_t is None else per_copy(k_t, copies),
+        first_copy(v, copies), None if v_t is None else per_copy(v_t, copies),
+        attention_mask, scaling if scaling is not None else q.shape[-1] ** -0.5,
+        getattr(module, "num_key_value_groups", 1) or 1,
+        is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    tangent = tangent.expand(copies, *tangent.shape[1:]).reshape(-1, *tangent.shape[2:])
+    out = replicate(out, copies)
+    return forward_ad.make_dual(out.transpose(1, 2).contiguous(), tangent.transpose(1, 2).contiguous()), None
+
+
+def attention_pair(q: torch.Tensor, q_t: Optional[torch.Tensor], k: torch.Tensor, k_t: Optional[torch.Tensor], v: torch.Tensor,
+                   v_t: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], scale: float, groups: int = 1,
+                   causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention on one copy's primal (q [rows, heads, length, head_dim]; k and v with heads/`groups`
+    key-value heads) and every copy's tangents ([copies, *shape], or None for none): (out, tangent) in those layouts
+    (a tangent of leading size 1 when no input had one).
+
+    `attention_mask`: None (then causal if `causal`), boolean (True: may attend) or additive, broadcastable to the scores.
+    """
+    k, v = _expand_heads(k, groups), _expand_heads(v, groups)
+    k_t, v_t = (_expand_heads(t, groups, dim=2) for t in (k_t, v_t))
     length, keys = q.shape[-2], k.shape[-2]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if attention_mask is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if causal and length > 1:
             allowed = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - length)
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -219,9 +253,9 @@ def tangent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if v_t is not None:
         term = torch.matmul(weights, v_t)
         tangent = term if tangent is None else tangent + term
-    tangent = tangent.reshape(-1, *tangent.shape[2:])
-    out = replicate(out, copies)
-    return forward_ad.make_dual(out.transpose(1, 2).contiguous(), tangent.transpose(1, 2).contiguous()), None
+    if tangent is None:
+        tangent = torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
+    return out, tangent
 
 
 def _register() -> bool:
