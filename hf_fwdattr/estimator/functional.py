@@ -88,6 +88,20 @@ def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Ite
             module.set_attn_implementation(implementation)
 
 
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """`model.modules()` (each module once) as a list, walked without nested generators: on every readout, the walk
+    through `named_modules`' generator per level cost more than the flags it reads."""
+    found, seen, pending = [], set(), [model]
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        pending.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return found
+
+
 # forward hooks that gradient checkpointing (transformers' `enable_input_require_grads`, PEFT) puts on the input embeddings
 _INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
@@ -101,7 +115,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     transforms, so it is taken off for the duration.
     """
     flags, removed = {}, []
-    for module in model.modules():  # one walk: it runs on every readout
+    for module in _modules(model):  # one walk: it runs on every readout
         flags[module] = module.training
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:

@@ -55,6 +55,8 @@ class _LoRACoordinates:
     adapter: str
     a: Optional[slice]
     b: Optional[slice]
+    a_columns: int = 0  # A is [r, in]: in
+    b_columns: int = 0  # B is [out, r]: r
 
 
 def _lora_linear_class():
@@ -101,9 +103,9 @@ def lora_coordinates(subspace: AttributionSubspace) -> tuple[Optional[list[_LoRA
         if entry.adapter != adapter:
             return None, f"the layer of {name!r} holds subspace coordinates of two adapters"
         if parts[-3] == "lora_A":
-            entry.a = span
+            entry.a, entry.a_columns = span, module.lora_A[adapter].weight.shape[1]
         else:
-            entry.b = span
+            entry.b, entry.b_columns = span, module.lora_B[adapter].weight.shape[1]
     return list(layers.values()), None
 
 
@@ -159,6 +161,8 @@ class LoRABatchEngine:
         self._effective: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
         self._plan: Optional[list[tuple[nn.Module, str, Optional[float]]]] = None
         self._stack: Optional[tuple[Optional[StackPlan]]] = None  # (the Llama stack written out, or None), once found
+        self._stack_modules: Optional[set[nn.Module]] = None
+        self._lora_modules = {layer.module for layer in layers}
         self._models = pretrained_models(subspace.model)  # whose attention the JVP switches to `tangent_attention`
 
     @staticmethod
@@ -281,6 +285,7 @@ class LoRABatchEngine:
         """The model's Llama decoder stack, if `tangent_llama` can write it out (looked for once)."""
         if self._stack is None:
             self._stack = (llama_stack_plan(self.subspace.model),)
+            self._stack_modules = set() if self._stack[0] is None else set(self._stack[0].stack.modules())
         return self._stack[0]
 
     def _frozen_lora_pair(self, module: nn.Module):
@@ -299,7 +304,7 @@ class LoRABatchEngine:
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
         copies = len(directions)
         batch_rows = copies * rows
-        patched, pairs = [], {}
+        pairs = {}
         for layer in self.layers:
             module = layer.module
             if not _applies(module, layer.adapter):
@@ -309,26 +314,49 @@ class LoRABatchEngine:
                                    "adapter; the batched JVP writes out plain LoRA layers only. Use engine='functional'.")
             weights = self._layer_weights(module, layer.adapter)
             pairs[module] = lora_pair(module, layer.adapter, *weights, *_layer_sides(directions, layer, weights[0].dtype), copies)
-            patched.append((module, _tangent_forward(pairs[module], copies, batch_rows)))
-        for module, kind, epsilon in self._other_layers():
+        for module, kind, _ in self._other_layers():
             if kind == "linear":
                 pairs[module] = functools.partial(linear_pair, linear_weight(module), module.bias)
-                patched.append((module, linear_tangent_forward(module, copies)))
-            elif kind == "rms_norm":
-                patched.append((module, rms_norm_tangent_forward(module, epsilon, copies)))
-            else:
-                patched.append((module, zero_tangent_outputs(module)))
+
+        def layer_forwards(inside: Optional[bool]) -> list:
+            """The layer-by-layer forwards on dual tensors, of the modules inside the decoder stack (or outside; None:
+            all)."""
+            patched = []
+            for module, pair in pairs.items():
+                if module in self._lora_modules and (inside is None or (module in self._stack_modules) == inside):
+                    patched.append((module, _tangent_forward(pair, copies, batch_rows)))
+            for module, kind, epsilon in self._other_layers():
+                if inside is not None and (module in self._stack_modules) != inside:
+                    continue
+                if kind == "linear":
+                    patched.append((module, linear_tangent_forward(module, copies)))
+                elif kind == "rms_norm":
+                    patched.append((module, rms_norm_tangent_forward(module, epsilon, copies)))
+                else:
+                    patched.append((module, zero_tangent_outputs(module)))
+            return patched
+
         stack = self._stack_plan()
         if stack is not None:
             linear = _lora_linear_class()
             for module in stack.projections():
                 if module not in pairs and linear is not None and isinstance(module, linear):
                     pairs[module] = self._frozen_lora_pair(module)
-            if all(pairs.get(module) is not None for module in stack.projections()):
-                # the whole decoder stack by hand; the layer-by-layer forwards above serve what it hands back to them
-                original = type(stack.stack).forward.__get__(stack.stack)
-                patched.append((stack.stack, llama_stack_forward(stack, pairs, copies, original)))
-        with _patched_forwards(patched):
+            if not all(pairs.get(module) is not None for module in stack.projections()):
+                stack = None
+        if stack is None:
+            with _patched_forwards(layer_forwards(None)):
+                yield
+            return
+        # the whole decoder stack by hand; what it hands back to the model's own forward (a cache, extra outputs, ...)
+        # runs on the layer-by-layer forwards, patched only then
+        original = type(stack.stack).forward.__get__(stack.stack)
+
+        def fallback(**kwargs):
+            with _patched_forwards(layer_forwards(True)):
+                return original(**kwargs)
+
+        with _patched_forwards(layer_forwards(False) + [(stack.stack, llama_stack_forward(stack, pairs, copies, fallback))]):
             yield
 
 
@@ -367,15 +395,10 @@ def _layer_sides(directions: torch.Tensor, layer: _LoRACoordinates, dtype: torch
     """One layer's blocks of every direction stacked as `lora_pair` multiplies them: a_rows [copies·r, in] (row d·r + j
     is row j of direction d's A block) and b_rows [copies·out, r] likewise for B (None for a matrix outside the
     subspace)."""
-    module, copies = layer.module, len(directions)
     sides = []
-    for span, matrix in ((layer.a, "lora_A"), (layer.b, "lora_B")):
-        if span is None:
-            sides.append(None)
-            continue
-        rows, columns = getattr(module, matrix)[layer.adapter].weight.shape
-        block = directions[:, span].reshape(copies * rows, columns)
-        sides.append(block if block.dtype == dtype else block.to(dtype))
+    for span, columns in ((layer.a, layer.a_columns), (layer.b, layer.b_columns)):
+        block = None if span is None else directions[:, span].reshape(-1, columns)
+        sides.append(block if block is None or block.dtype == dtype else block.to(dtype))
     return tuple(sides)
 
 
