@@ -328,3 +328,39 @@ def test_the_damped_inverse_refuses_an_indefinite_curvature():
     inverse = DampedInverse.from_matrix(matrix, 0.2)
     torch.testing.assert_close(inverse.matrix, -torch.diag(1 / torch.tensor([2.2, 0.7, 0.1], dtype=torch.float64)))
     assert inverse.max_eigenvalue == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_exact_pass_count_from_the_labels_equals_the_count_from_the_factors(architecture):
+    """`CausalLMTask.output_curvature_slots` counts the exact GGN's backward passes from the labels (no forward): the
+    same count as the factors `output_curvature` computes give, on batches with padding and an unscored prompt."""
+    from hf_fwdattr.estimator.documents import length_batches
+    from hf_fwdattr.estimator.functional import TaskFunction
+    from hf_fwdattr.estimator.ggn import exact_passes
+
+    model = _lm_with_lora(architecture)
+    task = CausalLMTask(pad_token_id=0)
+    subspace = AttributionSubspace.build(model, "peft")
+    examples = lm_examples(9, seed=4)
+    examples[0]["labels"] = [-100, -100, -100] + examples[0]["input_ids"][3:]
+    function = TaskFunction(subspace, lambda m, b: task.output_curvature(m, b))
+    from_factors = []
+    for batch in length_batches(task, examples, 4):
+        collated = task.collate(batch)
+        with torch.no_grad():
+            _, factors = function(torch.zeros(subspace.dim, dtype=torch.float64), collated)
+        from_factors.append(int((factors.abs().amax(dim=(0, 3)) > 0).sum()))
+        assert task.output_curvature_slots(model, collated) == from_factors[-1]
+    assert exact_passes(subspace, task, examples, 4) == sum(from_factors)
+
+
+def test_per_example_work_batches_examples_of_similar_length():
+    """Batches for per-example work hold examples of similar length (less padding), each example once; a task that
+    gives no lengths keeps the given order."""
+    from hf_fwdattr.estimator.documents import length_batches
+
+    examples = [{"input_ids": list(range(1, n + 1))} for n in (9, 3, 7, 3, 12, 5, 4, 10)]
+    batches = length_batches(CausalLMTask(pad_token_id=0), examples, 3)
+    lengths = [[len(e["input_ids"]) for e in batch] for batch in batches]
+    assert lengths == [[3, 3, 4], [5, 7, 9], [10, 12]]
+    assert length_batches(AttributionTask(), examples, 3) == [examples[0:3], examples[3:6], examples[6:8]]

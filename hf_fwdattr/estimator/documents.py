@@ -120,3 +120,23 @@ class MinibatchSequence:
             if step >= offset:
                 yield batch
             step += 1
+
+
+def length_batches(task, examples: Sequence[Any], batch_size: int) -> list[list[Any]]:
+    """`examples` in batches of `batch_size`, examples of similar length together when the task gives lengths
+    (`example_length`): per-example results do not depend on the company an example keeps, padding does."""
+    order = length_order(task, examples)
+    return [[examples[i] for i in order[lo : lo + batch_size]] for lo in range(0, len(order), batch_size)]
+
+
+def length_order(task, examples: Sequence[Any], indices: Optional[Sequence[int]] = None) -> list[int]:
+    """`indices` (default: all) sorted by the task's `example_length` of each example (stable), or as given when the
+    task gives no lengths."""
+    indices = list(range(len(examples))) if indices is None else list(indices)
+    if not indices:
+        return indices
+    length = getattr(task, "example_length", None)
+    lengths = {i: None if length is None else length(examples[i]) for i in indices}
+    if any(length is None for length in lengths.values()):
+        return indices
+    return sorted(indices, key=lengths.__getitem__)

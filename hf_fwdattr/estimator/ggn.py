@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import TaskError
 from ..progress import progress_bar
+from .documents import length_batches
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import coordinate_ranges, leaf_parameters, linear_owners
 from .subspace import AttributionSubspace
@@ -104,6 +105,19 @@ def jacobian_rows(subspace: AttributionSubspace, task, batch: Any, delta: Option
         yield from rows
 
 
+def _add_gram(matrix: torch.Tensor, rows: torch.Tensor, blocks: int = 4) -> None:
+    """matrix += rowsᵀ rows (in the rows' dtype, added in the matrix's), computing the upper block triangle only and
+    mirroring it: 10 of 16 column blocks' products (torch has no symmetric rank-k update)."""
+    edges = [round(i * rows.shape[1] / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        left = rows[:, edges[i] : edges[i + 1]]
+        for j in range(i, blocks):
+            product = (left.T @ rows[:, edges[j] : edges[j + 1]]).to(matrix.dtype)
+            matrix[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] += product
+            if j != i:
+                matrix[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] += product.T
+
+
 def _chunks(items: Iterator[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
     chunk: list[torch.Tensor] = []
     for item in items:
@@ -138,14 +152,20 @@ class GaussNewton:
 
 
 def exact_passes(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int) -> int:
-    """Backward passes the exact GGN over `examples` takes: the output-curvature factor slots of the first batch
-    (positions × factors some example has) times the number of batches."""
-    first = task.collate(list(examples[:batch_size]))
+    """Backward passes the exact GGN over `examples` takes: the output-curvature factor slots (positions × factors
+    some example has) summed over the batches `gauss_newton` forms — counted by the task from the labels when it can
+    (`output_curvature_slots`), else those of the first batch, from its factors, times the number of batches."""
+    batches = length_batches(task, examples, batch_size)
+    count = getattr(task, "output_curvature_slots", None)
+    counted = [None] if count is None else [count(subspace.model, task.collate(batch)) for batch in batches]
+    if all(slots is not None for slots in counted):
+        return sum(counted)
+    first = task.collate(batches[0])
     function = TaskFunction(subspace, lambda model, b: task.output_curvature(model, b))
     with torch.no_grad(), evaluation_mode(subspace.model):
         _, factors = function(torch.zeros(subspace.dim, device=subspace.device, dtype=subspace.parameter_dtype), first)
     slots = int((factors.abs().amax(dim=(0, 3)) > 0).sum())
-    return slots * -(-len(examples) // batch_size)
+    return slots * len(batches)
 
 
 def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], batch_size: int, dtype: torch.dtype = torch.float64,
@@ -171,13 +191,13 @@ def gauss_newton(subspace: AttributionSubspace, task, examples: Sequence[Any], b
         nonlocal matrix, pending_rows
         if pending:
             block = torch.cat(pending) * scale
-            product = (block.T @ block).to(torch.float64)
-            matrix = product if matrix is None else matrix.add_(product)
+            if matrix is None:
+                matrix = torch.zeros(p, p, dtype=torch.float64, device=block.device)
+            _add_gram(matrix, block)
             pending.clear()
             pending_rows = 0
 
-    batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
-    for batch in progress_bar(batches, desc="Curvature (exact GGN)", enabled=progress):
+    for batch in progress_bar(length_batches(task, examples, batch_size), desc="Curvature (exact GGN)", enabled=progress):
         for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=dtype, samples=samples, generator=generator):
             rows = rows[rows.abs().amax(dim=1) > 0]  # examples without a factor in this slot
             if not dense and kept_rows + len(rows) <= p:

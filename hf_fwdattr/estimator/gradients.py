@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import TaskError
 from ..progress import progress_bar
-from .documents import DocumentSet
+from .documents import DocumentSet, length_order
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .subspace import AttributionSubspace
 
@@ -171,7 +171,8 @@ def document_gradients(
     """
     rows = list(range(len(documents))) if indices is None else list(indices)
     position = {doc: row for row, doc in enumerate(rows)}
-    chunk_ids = [i for i, doc in enumerate(documents.example_document) if doc in position]
+    # chunks of similar length share a batch (less padding); each lands on its document's row whatever its batch
+    chunk_ids = length_order(task, documents.examples, [i for i, doc in enumerate(documents.example_document) if doc in position])
     out = torch.zeros(len(rows), subspace.dim, dtype=dtype, device=subspace.device)
     for start in progress_bar(range(0, len(chunk_ids), batch_size), desc="Document gradients", enabled=progress):
         chunk = chunk_ids[start : start + batch_size]

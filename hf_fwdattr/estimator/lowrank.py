@@ -25,6 +25,7 @@ import torch
 
 from ..progress import progress_bar
 from .config import Complement
+from .documents import length_batches
 from .ggn import jacobian_rows
 from .subspace import AttributionSubspace
 
@@ -66,8 +67,7 @@ def ggn_products(subspace: AttributionSubspace, task, examples: Sequence[Any], b
     vectors = vectors.to(device=subspace.device, dtype=torch.float64)
     products = torch.zeros_like(vectors)
     trace = 0.0
-    batches = [list(examples[lo : lo + batch_size]) for lo in range(0, len(examples), batch_size)]
-    for batch in progress_bar(batches, desc="Curvature (low-rank pass)", enabled=progress):
+    for batch in progress_bar(length_batches(task, examples, batch_size), desc="Curvature (low-rank pass)", enabled=progress):
         for rows in jacobian_rows(subspace, task, task.collate(batch), dtype=torch.float64, samples=samples, generator=generator):
             products.addmm_(rows.T, rows @ vectors)
             trace += float((rows * rows).sum())

@@ -125,6 +125,18 @@ class AttributionTask:
         average over positions (the Kronecker factors); None when examples have no positions (default)."""
         return None
 
+    def example_length(self, example: Any) -> Optional[int]:
+        """The length an example is padded to within a batch, or None (default: examples of one size).
+
+        When given, per-example work (document gradients, curvature rows) batches examples of similar length together:
+        the same numbers, with less padding computed."""
+        return None
+
+    def output_curvature_slots(self, model: nn.Module, batch: Any) -> Optional[int]:
+        """The number of (position, factor) slots `output_curvature` gives this batch some factor in — one backward
+        pass each in the exact GGN — if the task can count them without computing the factors (default: None)."""
+        return None
+
     def collate(self, examples: Sequence[Any]) -> Any:
         """Turn a list of examples into a batch (default: `torch.utils.data.default_collate`)."""
         return default_collate(list(examples))
@@ -383,6 +395,20 @@ class CausalLMTask(AttributionTask):
     @property
     def supports_output_curvature(self) -> bool:
         return True
+
+    def example_length(self, example: dict) -> int:
+        ids = example["input_ids"]
+        return ids.numel() if isinstance(ids, torch.Tensor) else len(ids)
+
+    def output_curvature_slots(self, model: nn.Module, batch: dict) -> Optional[int]:
+        """Positions some example of the batch scores × the rank of Wᵀ(diag p − p pᵀ)W, min(hidden, vocabulary − 1)
+        (an upper bound where p is degenerate), counted from the labels: no forward pass."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        positions = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum())
+        return positions * min(weight.shape[1], weight.shape[0] - 1)
 
     def position_mask(self, batch: dict) -> torch.Tensor:
         return batch["attention_mask"].bool()
