@@ -313,7 +313,7 @@ class LoRABatchEngine:
                 raise ReadoutError("A layer with the subspace's adapter also runs a LoRA variant (DoRA, LoRA bias, ...) of another active "
                                    "adapter; the batched JVP writes out plain LoRA layers only. Use engine='functional'.")
             weights = self._layer_weights(module, layer.adapter)
-            pairs[module] = lora_pair(module, layer.adapter, *weights, *_layer_sides(directions, layer, weights[0].dtype), copies)
+            pairs[module] = lora_pair(module, *weights, *_layer_sides(directions, layer, weights[0].dtype), copies)
         for module, kind, _ in self._other_layers():
             if kind == "linear":
                 pairs[module] = functools.partial(linear_pair, linear_weight(module), module.bias)
@@ -339,10 +339,10 @@ class LoRABatchEngine:
         stack = self._stack_plan()
         if stack is not None:
             linear = _lora_linear_class()
-            for module in stack.projections():
+            for module in stack.projections:
                 if module not in pairs and linear is not None and isinstance(module, linear):
                     pairs[module] = self._frozen_lora_pair(module)
-            if not all(pairs.get(module) is not None for module in stack.projections()):
+            if not all(pairs.get(module) is not None for module in stack.projections):
                 stack = None
         if stack is None:
             with _patched_forwards(layer_forwards(None)):
@@ -360,7 +360,7 @@ class LoRABatchEngine:
             yield
 
 
-def lora_pair(module: nn.Module, adapter: str, effective: torch.Tensor, scaled_a_t: torch.Tensor, scaled_b_t: torch.Tensor,
+def lora_pair(module: nn.Module, effective: torch.Tensor, scaled_a_t: torch.Tensor, scaled_b_t: torch.Tensor,
               a_rows: Optional[torch.Tensor], b_rows: Optional[torch.Tensor], copies: int):
     """The LoRA layer as a (primal, tangents) map: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the merged weight) of
     one copy's input x [rows, ..., in], and for every direction d the tangent x_t W_effᵀ (the incoming one, [copies,

@@ -19,7 +19,7 @@ which forward AD carries as before). `llama_stack_plan` recognises a stack it ca
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,10 +50,10 @@ class StackPlan:
     stack: nn.Module
     layers: list[_LayerPlan]
     norm: float
+    projections: list[nn.Module] = field(init=False)  # every layer's projections: each needs a (primal, tangents) map
 
-    def projections(self) -> list[nn.Module]:
-        """Every projection of every layer: each needs a (primal, tangents) map."""
-        return [getattr(plan.layer.self_attn, name) for plan in self.layers for name in _PROJECTIONS] + \
+    def __post_init__(self) -> None:
+        self.projections = [getattr(plan.layer.self_attn, name) for plan in self.layers for name in _PROJECTIONS] + \
             [getattr(plan.layer.mlp, name) for plan in self.layers for name in _MLP]
 
 
