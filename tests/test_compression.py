@@ -319,3 +319,32 @@ def test_subspace_computes_the_fingerprint_only_when_asked():
         assert subspace._model_fingerprint is None  # building (as the callback does before training) hashes nothing
         value = subspace.model_fingerprint
     assert value == model_fingerprint(model), "the projection adapter is not part of θ*"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_reading_a_column_slab_of_the_sample_holds_one_shard_at_a_time(tmp_path):
+    """The basis step reads the first pass's responses in column slabs; each shard's rows are read whole (safetensors
+    slices rows), and must be let go before the next shard is read: memory then follows one shard, not the sample.
+    Before, the slab kept a view into every shard's mapping until all were read — the build's peak grew with the sample
+    (8.7 GB at the realistic run's 3,584 sampled documents)."""
+    from hf_fwdattr.integrations.compressed_build import _RowRange
+    from hf_fwdattr.storage.shards import ShardedResponses, ShardWriter
+
+    rows, dim, shard_rows = 256, 65_536, 8  # 64 MiB in 32 shards of 2 MiB
+    writer = ShardWriter(tmp_path, {"test": 1}, rows, dim, torch.float32, shard_rows=shard_rows, create=True)
+    generator = torch.Generator().manual_seed(0)
+    for index, lo in enumerate(range(0, rows, shard_rows)):
+        writer.write(index, torch.randn(shard_rows, dim, generator=generator))
+    store = _RowRange(ShardedResponses.open(writer.finish().directory), 0, rows)
+
+    def peak_mib() -> float:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+
+    expected = torch.cat([store.store.rows(range(lo, lo + shard_rows))[:, 100:612] for lo in range(0, rows, shard_rows)])
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak mark restarts from the current RSS
+    before = peak_mib()
+    slab = store.columns(100, 612)  # 0.5 MiB of values
+    grown = peak_mib() - before
+    torch.testing.assert_close(slab, expected, rtol=0, atol=0)
+    assert grown < 24, f"reading a 0.5 MiB column slab raised the peak RSS by {grown:.0f} MiB (the whole sample is 64 MiB)"

@@ -89,7 +89,9 @@ class _RowRange:
             begin, end = max(first, start), min(last, start + shard.rows)
             if begin < end:
                 with safe_open(str(self.store.directory / shard.filename), framework="pt") as handle:
-                    parts.append(handle.get_slice(TENSOR_NAME)[begin - start : end - start, lo:hi])
+                    # a copy: the slice is a view into the shard's whole rows, which would stay in memory until every
+                    # shard was read (the basis step's peak then grew with the sample: 8.7 GB at 3,584 documents)
+                    parts.append(handle.get_slice(TENSOR_NAME)[begin - start : end - start, lo:hi].clone())
         return torch.cat(parts) if parts else torch.empty(0, hi - lo)
 
 
