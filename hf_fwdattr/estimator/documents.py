@@ -133,10 +133,8 @@ def length_order(task, examples: Sequence[Any], indices: Optional[Sequence[int]]
     """`indices` (default: all) sorted by the task's `example_length` of each example (stable), or as given when the
     task gives no lengths."""
     indices = list(range(len(examples))) if indices is None else list(indices)
-    if not indices:
+    example_length = getattr(task, "example_length", None)
+    lengths = [] if example_length is None else [example_length(examples[i]) for i in indices]
+    if len(lengths) != len(indices) or any(length is None for length in lengths):
         return indices
-    length = getattr(task, "example_length", None)
-    lengths = {i: None if length is None else length(examples[i]) for i in indices}
-    if any(length is None for length in lengths.values()):
-        return indices
-    return sorted(indices, key=lengths.__getitem__)
+    return [index for _, index in sorted(zip(lengths, indices), key=lambda pair: pair[0])]

@@ -195,8 +195,9 @@ class DampedInverse:
     eigendecomposition.
 
     Factorised in float64 (Cholesky of H + sI, p³/3 operations; `eigh` costs ~15× more at p = 3,584), inverted in the
-    compute dtype (float32 at least) and applied as one matrix product per document. Only the largest eigenvalue is kept (power iteration), for the step
-    size the artifact records; a finite horizon needs the eigenvalues and uses `ExplicitEigenbasis`.
+    compute dtype (float32 at least) and applied as one matrix product per document. Only the largest eigenvalue is
+    kept (subspace iteration), for the step size the artifact records; a finite horizon needs the eigenvalues and uses
+    `ExplicitEigenbasis`.
     """
 
     def __init__(self, matrix: torch.Tensor, shift: float, max_eigenvalue: float, seconds: Optional[float] = None):
