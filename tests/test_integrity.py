@@ -96,21 +96,25 @@ class Writers:
         self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
 
-    def expect(self, tag: str) -> list[str]:
-        """The next line about writer `tag`, split."""
-        while not self.lines.get(tag):
+    def expect(self, tag: str, kind: str | None = None) -> list[str]:
+        """The next line about writer `tag` (the next of that `kind`, if given), split."""
+        while True:
+            waiting = self.lines.get(tag, [])
+            found = next((i for i, words in enumerate(waiting) if kind in (None, words[0])), None)
+            if found is not None:
+                return waiting.pop(found)
             line = self.process.stdout.readline()
             assert line, "the writer server died"
             words = line.split()
             assert words[0] != "error", line
             self.lines.setdefault(words[1], []).append(words)
-        return self.lines[tag].pop(0)
 
     def start(self, source: Path, target: Path, mode: str = "pause", shard_bytes: int = ONE_ROW) -> tuple[str, int]:
         self.count += 1
         tag = f"w{self.count}"
         self.send(f"save {tag} {source} {target} {shard_bytes} {mode}")
-        return tag, int(self.expect(tag)[2])
+        # a free-running writer may speak before the server has said it started it
+        return tag, int(self.expect(tag, "started")[2])
 
     def run(self, source: Path, target: Path, kill_at=None, mode: str = "pause", shard_bytes: int = ONE_ROW):
         """Run one save; SIGKILL its process at the first step for which `kill_at(words)` is true (words: "step", tag,
@@ -129,7 +133,7 @@ class Writers:
                 assert words[0] in ("done", "busy"), words
                 break
         self.send(f"reap {tag}")
-        return steps, int(self.expect(tag)[2])
+        return steps, int(self.expect(tag, "exit")[2])
 
     def close(self) -> None:
         self.send("quit")
@@ -208,7 +212,7 @@ def test_two_writers_into_one_folder_never_mix(tmp_path, writers):
         if writers.expect(first)[0] == "done":
             break
     writers.send(f"reap {first}")
-    assert writers.expect(first)[2] == "0"
+    assert writers.expect(first, "exit")[2] == "0"
     assert same_artifact(InfluenceArtifact.from_pretrained(target), a)
     # free-running writers: whichever wins, the folder holds one whole artifact
     racers = [writers.start(tmp_path / name, target, mode="run")[0] for name in ("b", "a")]
@@ -219,7 +223,7 @@ def test_two_writers_into_one_folder_never_mix(tmp_path, writers):
         outcomes.append(words[0])
     for tag in racers:
         writers.send(f"reap {tag}")
-        writers.expect(tag)
+        writers.expect(tag, "exit")
     assert set(outcomes) <= {"done", "busy"} and "done" in outcomes
     loaded = InfluenceArtifact.from_pretrained(target)
     assert same_artifact(loaded, a) or same_artifact(loaded, b)
