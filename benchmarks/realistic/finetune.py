@@ -5,7 +5,7 @@
 
 Prints one JSON line: the epoch (Trainer's train_runtime and the process CPU time of training), the callback's build
 (wall, CPU, its stages as the artifact records them), the peak RSS of the build (the kernel's high-water mark reset
-when training ends) and of the whole process, the RSS every second during the build, and the artifact's size on disk.
+when training ends) and of the whole process, the RSS (and its anonymous part) every second during the build, and the artifact's size on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def main() -> None:
         compression["sample_documents"] = max(compression["sample_documents"], compression["max_rank"])
         compression["storage"] = "compressed"
     output = setting.cache(preset) / ("scratch" if args.scratch else "finetune")
+    shutil.rmtree(output / "influence", ignore_errors=True)  # this step recomputes: an artifact of older settings is stale
     run = {}
 
     class Probe(TrainerCallback):
@@ -87,7 +89,8 @@ def main() -> None:
 
             def sample():
                 while not run["stop"].is_set():
-                    run["series"].append((round(time.perf_counter() - run["build_start"], 1), round(_status("VmRSS:"))))
+                    run["series"].append((round(time.perf_counter() - run["build_start"], 1), round(_status("VmRSS:")),
+                                          round(_status("RssAnon:"))))
                     time.sleep(1.0)
 
             run["sampler"] = threading.Thread(target=sample, daemon=True)
@@ -126,6 +129,8 @@ def main() -> None:
         "rss_series": run["series"], "load_average": os.getloadavg()[0],
     }
     result["build_peak_above_start_mib"] = result["build_peak_mib"] - result["rss_at_build_start_mib"]
+    # RSS also counts pages of files mapped for reading (shards), which the kernel can drop; anonymous memory cannot
+    result["build_anon_peak_sampled_mib"] = max((entry[2] for entry in run["series"]), default=None)
     print(json.dumps(result, default=float))
 
 

@@ -58,17 +58,20 @@ def render(results: dict) -> str:
         "",
         "**Peak RSS** (MiB; the kernel's high-water mark reset when training ends, so the build's peak is its own).",
         "",
-        "| N | p | k | RSS at train begin | peak during training | RSS at build start | peak during build | build peak − build start |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | p | k | RSS at train begin | peak during training | RSS at build start | peak during build | build peak − build start "
+        "| anonymous RSS, highest sample during build |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in (memory, run):
         lines.append(f"| {entry['n']:,} | {entry['p']:,} | {entry['rank']} | {_mib(entry['rss_at_train_begin_mib'])} | "
                      f"{_mib(entry['process_peak_during_training_mib'])} | {_mib(entry['rss_at_build_start_mib'])} | "
-                     f"{_mib(entry['build_peak_mib'])} | {_mib(entry['build_peak_above_start_mib'])} |")
+                     f"{_mib(entry['build_peak_mib'])} | {_mib(entry['build_peak_above_start_mib'])} | "
+                     f"{_mib(entry['build_anon_peak_sampled_mib']) if entry.get('build_anon_peak_sampled_mib') else 'not sampled'} |")
     series = run["rss_series"]
     if series:
         marks = [series[int(i * (len(series) - 1) / 8)] for i in range(9)]
-        lines += ["", "RSS during the N = {:,} build (s: MiB): ".format(run["n"]) + ", ".join(f"{t:.0f}: {r:,}" for t, r in marks) + "."]
+        lines += ["", "RSS during the N = {:,} build (s: MiB, anonymous MiB where sampled): ".format(run["n"])
+                  + ", ".join(f"{entry[0]:.0f}: {entry[1]:,}" + (f" ({entry[2]:,})" if len(entry) > 2 else "") for entry in marks) + "."]
     lines += [
         "",
         f"**Compressed against exact scores on {evaluation['heldout_documents']} held-out documents** (neither in the sample nor in "
