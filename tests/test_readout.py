@@ -289,6 +289,44 @@ def test_batched_engine_follows_an_adapter_that_is_off(lm_task, state):
                 assert scores.abs().max() < 1e-4, (mode, engine)
 
 
+def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
+    """The batched JVP keeps its layer maps from one readout to the next while the directions and the weights stay the
+    same: reading other queries reuses them; directions changed in place, a weight changed in place, a replaced
+    weight and an adapter switched off are each followed (equal to a readout that starts afresh)."""
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    queries, others = lm_queries(lm_examples(2, seed=31)), lm_queries(lm_examples(2, seed=32))
+    directions = torch.randn(3, subspace.dim, generator=torch.Generator().manual_seed(1))
+    kept = ForwardReadout(subspace, lm_task, "jvp", engine="lora_batch")
+    engine = kept._engine
+
+    def afresh():
+        return ForwardReadout(subspace, lm_task, "jvp", engine="functional").scores(queries, directions)
+
+    def agrees():
+        expected = afresh()
+        torch.testing.assert_close(kept.scores(queries, directions), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+    agrees()
+    maps = engine._patches[1]
+    kept.scores(others, directions)
+    assert engine._patches[1] is maps, "other queries, the same directions and weights: the maps are reused"
+    directions.mul_(-2.0)  # in place
+    agrees()
+    layer = engine.layers[0]
+    with torch.no_grad():
+        layer.module.lora_B[layer.adapter].weight.add_(0.5)  # in place
+        agrees()
+        base = layer.module.get_base_layer()
+        replaced = base.weight + 0.25
+        while replaced._version < base.weight._version:  # the same in-place version: only its identity tells them apart
+            replaced.add_(0.0)
+        base.weight = nn.Parameter(replaced)
+        agrees()
+    with model.disable_adapter():
+        assert kept.scores(queries, directions).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------------- layers that carry their tangents by hand
 @pytest.mark.parametrize("masking", ["causal", "boolean", "additive"])
 def test_hand_written_attention_tangent_equals_forward_ad(masking):

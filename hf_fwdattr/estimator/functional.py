@@ -89,17 +89,13 @@ def differentiable_attention(model: nn.Module, forward_mode: bool = True) -> Ite
 
 
 def _modules(model: nn.Module) -> list[nn.Module]:
-    """`model.modules()` (each module once) as a list, walked without nested generators: on every readout, the walk
-    through `named_modules`' generator per level cost more than the flags it reads."""
-    found, seen, pending = [], set(), [model]
-    while pending:
-        module = pending.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        found.append(module)
-        pending.extend(child for child in reversed(module._modules.values()) if child is not None)
-    return found
+    """`model.modules()` (each module once) as a list, breadth first: on every readout, the walk through
+    `named_modules`' generator per level cost more than the flags it reads."""
+    found = [model]
+    for module in found:  # the list grows as it is walked
+        if module is not None:
+            found.extend(module._modules.values())
+    return [module for module in dict.fromkeys(found) if module is not None]
 
 
 # forward hooks that gradient checkpointing (transformers' `enable_input_require_grads`, PEFT) puts on the input embeddings
@@ -114,15 +110,15 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     needed only while checkpointed training runs (eval mode turns checkpointing off) and fails inside `torch.func`
     transforms, so it is taken off for the duration.
     """
-    flags, removed = {}, []
-    for module in _modules(model):  # one walk: it runs on every readout
-        flags[module] = module.training
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
-                removed.append((module, key, module._forward_hooks.pop(key)))
-    if not any(flags.values()) and not removed:  # already in eval mode (a pipeline's model): nothing to switch
+    modules = _modules(model)  # one walk: it runs on every readout
+    removed = [(module, key, hook) for module in modules if module._forward_hooks
+               for key, hook in list(module._forward_hooks.items()) if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS]
+    if not removed and not any(module.training for module in modules):  # already in eval mode (a pipeline's model)
         yield
         return
+    flags = {module: module.training for module in modules}
+    for module, key, _ in removed:
+        del module._forward_hooks[key]
     model.eval()
     try:
         yield

@@ -133,12 +133,13 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _weights_state(module: nn.Module) -> tuple:
-    """What the effective weight depends on: the tensors' identities and in-place versions, adapters and scalings."""
-    tensors = [module.get_base_layer().weight]
-    names = tuple(name for name in module.active_adapters if name in module.lora_A)
-    for name in names:
-        tensors += [module.lora_A[name].weight, module.lora_B[name].weight]
-    return names, tuple((id(t), t._version) for t in tensors), tuple(module.scaling[name] for name in names)
+    """What the layer's forward and effective weight depend on: whether adapters run (enabled, not merged), the active
+    adapters, the tensors' identities and in-place versions, and the scalings."""
+    lora_a, lora_b = module.lora_A, module.lora_B
+    names = tuple(name for name in module.active_adapters if name in lora_a)
+    tensors = (module.get_base_layer().weight, *(matrices[name].weight for name in names for matrices in (lora_a, lora_b)))
+    return (module.disable_adapters, module.merged, names, tuple(map(id, tensors)), tuple(t._version for t in tensors),
+            tuple(module.scaling[name] for name in names))
 
 
 class LoRABatchEngine:
@@ -162,7 +163,10 @@ class LoRABatchEngine:
         self._plan: Optional[list[tuple[nn.Module, str, Optional[float]]]] = None
         self._stack: Optional[tuple[Optional[StackPlan]]] = None  # (the Llama stack written out, or None), once found
         self._stack_modules: Optional[set[nn.Module]] = None
+        self._frozen: Optional[list[nn.Module]] = None
+        self._patches: Optional[tuple] = None  # (key, the forwards of the last batched JVP, its directions)
         self._lora_modules = {layer.module for layer in layers}
+        self._lora_modules_in_order = [layer.module for layer in layers]
         self._models = pretrained_models(subspace.model)  # whose attention the JVP switches to `tangent_attention`
 
     @staticmethod
@@ -300,8 +304,35 @@ class LoRABatchEngine:
             weight = self._effective_weight(module)
         return functools.partial(linear_pair, weight.detach(), base.bias)
 
+    def _layers_state(self) -> tuple:
+        """What the batched JVP's layer maps depend on besides the directions: the state (`_weights_state`) of every LoRA
+        layer of the subspace and every frozen LoRA projection of the decoder stack."""
+        return tuple(_weights_state(module) for module in self._lora_modules_in_order + self._frozen_lora())
+
+    def _frozen_lora(self) -> list[nn.Module]:
+        """The decoder stack's PEFT LoRA projections outside the subspace (found once)."""
+        stack = self._stack_plan()
+        if self._frozen is None:
+            linear = _lora_linear_class()
+            self._frozen = [] if stack is None or linear is None else [
+                module for module in stack.projections if module not in self._lora_modules and isinstance(module, linear)]
+        return self._frozen
+
     @contextlib.contextmanager
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
+        # a server reads the same directions (sources, a basis) for every query: the layer maps built for them (with
+        # each layer's blocks of the directions, copied as the products want them) are kept until the next readout,
+        # and reused while the directions (the very tensor, unchanged in place), the rows and the weights stay the same
+        key = (_tensor_identity(directions), rows, self._layers_state())
+        if self._patches is None or self._patches[0] != key:
+            self._patches = None  # the old maps' memory is free before the new ones are built
+            self._patches = (key, self._tangent_patches(directions, rows), directions)  # held: its memory is not reused
+        with _patched_forwards(self._patches[1]):
+            yield
+
+    def _tangent_patches(self, directions: torch.Tensor, rows: int) -> list:
+        """The forwards the batched JVP gives the model's modules for these directions: the Llama decoder stack written
+        out whole when it can be, else every LoRA layer, linear layer and RMS norm layer by layer."""
         copies = len(directions)
         batch_rows = copies * rows
         pairs = {}
@@ -338,16 +369,13 @@ class LoRABatchEngine:
 
         stack = self._stack_plan()
         if stack is not None:
-            linear = _lora_linear_class()
-            for module in stack.projections:
-                if module not in pairs and linear is not None and isinstance(module, linear):
+            for module in self._frozen_lora():
+                if module not in pairs:
                     pairs[module] = self._frozen_lora_pair(module)
             if not all(pairs.get(module) is not None for module in stack.projections):
                 stack = None
         if stack is None:
-            with _patched_forwards(layer_forwards(None)):
-                yield
-            return
+            return layer_forwards(None)
         # the whole decoder stack by hand; what it hands back to the model's own forward (a cache, extra outputs, ...)
         # runs on the layer-by-layer forwards, patched only then
         original = type(stack.stack).forward.__get__(stack.stack)
@@ -356,34 +384,47 @@ class LoRABatchEngine:
             with _patched_forwards(layer_forwards(True)):
                 return original(**kwargs)
 
-        with _patched_forwards(layer_forwards(False) + [(stack.stack, llama_stack_forward(stack, pairs, copies, fallback))]):
-            yield
+        return layer_forwards(False) + [(stack.stack, llama_stack_forward(stack, pairs, copies, fallback))]
+
+
+def _tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Which memory a tensor reads and its in-place version: equal for the same tensor unchanged (and for a view of
+    it taken the same way), while a reference to the tensor is held."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
+            tensor.device, tensor._version)
 
 
 def lora_pair(module: nn.Module, effective: torch.Tensor, scaled_a_t: torch.Tensor, scaled_b_t: torch.Tensor,
-              a_rows: Optional[torch.Tensor], b_rows: Optional[torch.Tensor], copies: int):
+              a_columns: Optional[torch.Tensor], b_columns: Optional[torch.Tensor], copies: int):
     """The LoRA layer as a (primal, tangents) map: the primal x W_effᵀ + bias (W_eff = W + Σ s·BA, the merged weight) of
     one copy's input x [rows, ..., in], and for every direction d the tangent x_t W_effᵀ (the incoming one, [copies,
     rows, ..., in] or None) plus the layer's own s·[(x a_dᵀ) Bᵀ + (x Aᵀ) b_dᵀ]. `scaled_a_t` is s·Aᵀ [in, r] and
-    `scaled_b_t` s·Bᵀ [r, out], in W_eff's dtype; `a_rows` [copies·r, in] and `b_rows` [copies·out, r] hold every
-    direction's a_d and b_d stacked (`_layer_sides`; None: that matrix is not in the subspace), so each term is one
-    matrix product for all directions."""
+    `scaled_b_t` s·Bᵀ [r, out], in W_eff's dtype; `a_columns` [in, copies·r] holds every direction's a_dᵀ side by side
+    and `b_columns` [r, copies·out] every b_dᵀ (`_layer_sides`; None: that matrix is not in the subspace), so each term
+    is one matrix product for all directions, position-major ([positions, copies, out]) until the tangent is added."""
     dtype = effective.dtype
     bias = module.get_base_layer().bias
     out_features = effective.shape[0]
+    rank = scaled_b_t.shape[0]
 
     def pair(x: torch.Tensor, x_t: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h = x if x.dtype == dtype else x.to(dtype)
         out = F.linear(h, effective, bias)
         h = h.reshape(-1, h.shape[-1])
-        own = None  # [positions, copies, out]
-        if a_rows is not None:  # (x a_dᵀ) s·Bᵀ
-            own = F.linear(h, a_rows).reshape(-1, scaled_b_t.shape[0]).matmul(scaled_b_t).reshape(h.shape[0], copies, out_features)
-        if b_rows is not None:  # (x s·Aᵀ) b_dᵀ
-            moved = F.linear(h.matmul(scaled_a_t), b_rows).reshape(h.shape[0], copies, out_features)
-            own = moved if own is None else own + moved
-        own = own.transpose(0, 1).reshape(copies, *x.shape[:-1], out_features)
-        tangent = own if x_t is None else F.linear(x_t if x_t.dtype == dtype else x_t.to(dtype), effective) + own
+        positions = h.shape[0]
+        own = None  # [positions, copies·out]
+        if a_columns is not None:  # (x a_dᵀ) s·Bᵀ
+            own = h.mm(a_columns).view(-1, rank).mm(scaled_b_t).view(positions, -1)
+        if b_columns is not None:  # (x s·Aᵀ) b_dᵀ
+            moved = h.mm(scaled_a_t)
+            own = moved.mm(b_columns) if own is None else torch.addmm(own, moved, b_columns)
+        own = own.view(positions, copies, out_features).transpose(0, 1)  # [copies, positions, out], a view
+        if x_t is None:
+            tangent = own.contiguous()
+        else:
+            incoming = x_t if x_t.dtype == dtype else x_t.to(dtype)
+            tangent = incoming.reshape(copies, positions, -1).matmul(effective.t()).add_(own)
+        tangent = tangent.view(copies, *x.shape[:-1], out_features)
         if out.dtype != x.dtype:
             out, tangent = out.to(x.dtype), tangent.to(x.dtype)
         return out, tangent
@@ -392,14 +433,11 @@ def lora_pair(module: nn.Module, effective: torch.Tensor, scaled_a_t: torch.Tens
 
 
 def _layer_sides(directions: torch.Tensor, layer: _LoRACoordinates, dtype: torch.dtype) -> tuple:
-    """One layer's blocks of every direction stacked as `lora_pair` multiplies them: a_rows [copies·r, in] (row d·r + j
-    is row j of direction d's A block) and b_rows [copies·out, r] likewise for B (None for a matrix outside the
-    subspace)."""
-    sides = []
-    for span, columns in ((layer.a, layer.a_columns), (layer.b, layer.b_columns)):
-        block = None if span is None else directions[:, span].reshape(-1, columns)
-        sides.append(block if block is None or block.dtype == dtype else block.to(dtype))
-    return tuple(sides)
+    """One layer's blocks of every direction as `lora_pair` multiplies them: a_columns [in, copies·r] (column d·r + j is
+    row j of direction d's A block) and b_columns [r, copies·out] (column d·out + o is row o of direction d's B block);
+    None for a matrix outside the subspace."""
+    return tuple(None if span is None else directions[:, span].to(dtype).reshape(-1, columns).t().contiguous()
+                 for span, columns in ((layer.a, layer.a_columns), (layer.b, layer.b_columns)))
 
 
 def _tangent_forward(pair, copies: int, batch_rows: int):
