@@ -328,10 +328,10 @@ def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
 
 
 # ---------------------------------------------------------------------- layers that carry their tangents by hand
-@pytest.mark.parametrize("masking", ["causal", "boolean", "additive"])
+@pytest.mark.parametrize("masking", ["causal", "boolean", "additive", "per_head"])
 def test_hand_written_attention_tangent_equals_forward_ad(masking):
     """Attention's tangent written out equals forward AD through SDPA's math kernel: grouped heads, padding, a query row
-    with no key to attend to."""
+    with no key to attend to, a mask of its own for each query head."""
     import torch.autograd.forward_ad as forward_ad
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -344,7 +344,11 @@ def test_hand_written_attention_tangent_equals_forward_ad(masking):
     k, k_t, v, v_t = (torch.randn(batch, kv_heads, length, width, generator=generator) for _ in range(4))
     allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
     allowed[1, :, :, :2] = False  # the second row is left-padded by two tokens: its first query sees no key
-    mask = {"causal": None, "boolean": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))}[masking]
+    per_head = allowed.repeat(1, heads, 1, 1)
+    per_head[0, 1, :, 0] = False  # head 1 (the second query head of key/value head 0) of the first row never sees key 0
+    per_head[0, 2, 3:, 1] = False
+    mask = {"causal": None, "boolean": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
+            "per_head": per_head}[masking]
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
     with torch.no_grad(), forward_ad.dual_level():

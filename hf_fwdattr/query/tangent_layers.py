@@ -165,13 +165,6 @@ def zero_tangent_outputs(module: nn.Module):
     return forward
 
 
-def _expand_heads(tensor: Optional[torch.Tensor], groups: int, dim: int = 1) -> Optional[torch.Tensor]:
-    """Grouped-query attention: each key/value head (along `dim`) serves `groups` query heads."""
-    if tensor is None or groups == 1:
-        return tensor
-    return tensor.repeat_interleave(groups, dim=dim)
-
-
 def _sdpa_attention():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -223,25 +216,36 @@ def attention_pair(q: torch.Tensor, q_t: Optional[torch.Tensor], k: torch.Tensor
     (a tangent of leading size 1 when no input had one).
 
     `attention_mask`: None (then causal if `causal`), boolean (True: may attend) or additive, broadcastable to the scores.
+    Grouped-query attention stacks the `groups` query heads of each key/value head along the length instead of
+    repeating keys and values.
     """
-    k, v = _expand_heads(k, groups), _expand_heads(v, groups)
-    k_t, v_t = (_expand_heads(t, groups, dim=2) for t in (k_t, v_t))
-    length, keys = q.shape[-2], k.shape[-2]
+    rows, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[-3], k.shape[-2]
+    stacked = (rows, kv_heads, groups * length, head_dim)  # query head j·groups + g reads key/value head j
+    q = q.reshape(stacked)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if attention_mask is None:
+    scores = scores.view(rows, kv_heads, groups, length, keys)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[..., :keys]
+        mask = mask.unsqueeze(2) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kv_heads, groups, *mask.shape[2:])
+    elif mask is not None:
+        mask = mask[..., :keys]
+    if mask is None:
         if causal and length > 1:
             allowed = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - length)
             scores = scores.masked_fill(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :keys], float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
     else:
-        scores = scores + attention_mask[..., :keys]
+        scores = scores + mask
     weights = torch.softmax(scores if scores.dtype == torch.float32 else scores.float(), dim=-1).nan_to_num(0.0)
     weights = weights if weights.dtype == q.dtype else weights.to(q.dtype)  # a query with no key to attend to reads 0
-    out = torch.matmul(weights, v)
+    weights = weights.view(rows, kv_heads, groups * length, keys)
+    out = torch.matmul(weights, v).view(rows, heads, length, head_dim)
     d_scores = None
     if q_t is not None:
-        d_scores = torch.matmul(q_t, k.transpose(-1, -2))
+        d_scores = torch.matmul(q_t.reshape(q_t.shape[0], *stacked), k.transpose(-1, -2))
     if k_t is not None:
         term = torch.matmul(q, k_t.transpose(-1, -2))
         d_scores = term if d_scores is None else d_scores + term
@@ -254,8 +258,8 @@ def attention_pair(q: torch.Tensor, q_t: Optional[torch.Tensor], k: torch.Tensor
         term = torch.matmul(weights, v_t)
         tangent = term if tangent is None else tangent + term
     if tangent is None:
-        tangent = torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
-    return out, tangent
+        return out, torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
+    return out, tangent.view(tangent.shape[0], rows, heads, length, head_dim)
 
 
 def _register() -> bool:
