@@ -128,8 +128,9 @@ def rms_norm_pair(weight: torch.Tensor, epsilon: float, x: torch.Tensor, x_t: Op
     if x_t is None:
         return out, None
     h_t = x_t if x_t.dtype == torch.float32 else x_t.float()
-    normed_t = r * (h_t - h * (r * r) * (h * h_t).mean(-1, keepdim=True))
-    return out, weight * (normed_t if normed_t.dtype == x.dtype else normed_t.to(x.dtype))
+    scaled = weight * r if weight.dtype == torch.float32 else weight.float() * r  # w r and w r³ x: the primal's side, once
+    tangent = torch.addcmul(scaled * h_t, scaled * (r * r) * h, (h * h_t).mean(-1, keepdim=True), value=-1.0)
+    return out, tangent if tangent.dtype == x.dtype else tangent.to(x.dtype)
 
 
 def rms_norm_tangent_forward(module: nn.Module, epsilon: float, copies: int = 1):

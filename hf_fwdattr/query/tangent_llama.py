@@ -107,7 +107,7 @@ def _silu_times(gate: torch.Tensor, gate_t: Optional[torch.Tensor], up: torch.Te
     if gate_t is not None:
         tangent = gate_t * (sigma * (1 + gate * (1 - sigma)) * up)
     if up_t is not None:
-        tangent = _add(tangent, up_t * activated)
+        tangent = up_t * activated if tangent is None else torch.addcmul(tangent, up_t, activated)
     return activated * up, tangent
 
 
