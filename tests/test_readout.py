@@ -2,6 +2,7 @@
 no backward pass, the sign."""
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -325,6 +326,12 @@ def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
         agrees()
     with model.disable_adapter():
         assert kept.scores(queries, directions).abs().max() < 1e-4
+    # the engine only watches the directions: a tensor the caller drops is freed (its memory could then hold others)
+    dropped = torch.randn(3, subspace.dim)
+    kept.scores(queries, dropped)
+    watch = weakref.ref(dropped)
+    del dropped
+    assert watch() is None
 
 
 # ---------------------------------------------------------------------- layers that carry their tangents by hand

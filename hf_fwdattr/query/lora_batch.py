@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -164,7 +165,7 @@ class LoRABatchEngine:
         self._stack: Optional[tuple[Optional[StackPlan]]] = None  # (the Llama stack written out, or None), once found
         self._stack_modules: Optional[set[nn.Module]] = None
         self._frozen: Optional[list[nn.Module]] = None
-        self._patches: Optional[tuple] = None  # (key, the forwards of the last batched JVP, its directions)
+        self._patches: Optional[tuple] = None  # (key, the forwards of the last batched JVP, its directions' owner, weakly)
         self._lora_modules = {layer.module for layer in layers}
         self._lora_modules_in_order = [layer.module for layer in layers]
         self._models = pretrained_models(subspace.model)  # whose attention the JVP switches to `tangent_attention`
@@ -322,11 +323,14 @@ class LoRABatchEngine:
     def _tangent_layers(self, directions: torch.Tensor, rows: int) -> Iterator[None]:
         # a server reads the same directions (sources, a basis) for every query: the layer maps built for them (with
         # each layer's blocks of the directions, copied as the products want them) are kept until the next readout,
-        # and reused while the directions (the very tensor, unchanged in place), the rows and the weights stay the same
+        # and reused while the directions (the same memory, unchanged in place), the rows and the weights stay the same.
+        # The tensor the directions belong to is only watched (a weak reference): while it lives its memory cannot
+        # be reused by another tensor, so an equal key means equal directions.
+        owner = directions if directions._base is None else directions._base
         key = (_tensor_identity(directions), rows, self._layers_state())
-        if self._patches is None or self._patches[0] != key:
+        if self._patches is None or self._patches[0] != key or self._patches[2]() is not owner:
             self._patches = None  # the old maps' memory is free before the new ones are built
-            self._patches = (key, self._tangent_patches(directions, rows), directions)  # held: its memory is not reused
+            self._patches = (key, self._tangent_patches(directions, rows), weakref.ref(owner))
         with _patched_forwards(self._patches[1]):
             yield
 
