@@ -135,10 +135,16 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
 
 def _weights_state(module: nn.Module) -> tuple:
     """What the layer's forward and effective weight depend on: whether adapters run (enabled, not merged), the active
-    adapters, the tensors' identities and in-place versions, and the scalings."""
-    lora_a, lora_b = module.lora_A, module.lora_B
+    adapters, the tensors' identities and in-place versions, and the scalings. Read through the modules' own
+    registries (`_modules`, `_parameters`): it runs for every layer on every readout."""
+    lora_a, lora_b = module._modules["lora_A"]._modules, module._modules["lora_B"]._modules
     names = tuple(name for name in module.active_adapters if name in lora_a)
-    tensors = (module.get_base_layer().weight, *(matrices[name].weight for name in names for matrices in (lora_a, lora_b)))
+    base = module
+    while "base_layer" in base._modules:  # `get_base_layer`, without attribute misses
+        base = base._modules["base_layer"]
+    weight = base._parameters.get("weight")
+    tensors = (base.weight if weight is None else weight,
+               *(matrices[name]._parameters["weight"] for name in names for matrices in (lora_a, lora_b)))
     return (module.disable_adapters, module.merged, names, tuple(map(id, tensors)), tuple(t._version for t in tensors),
             tuple(module.scaling[name] for name in names))
 

@@ -41,6 +41,18 @@ class _LayerPlan:
     attention_norm: float  # ε of input_layernorm
     mlp_norm: float  # ε of post_attention_layernorm
     rotary: Callable  # the modeling module's apply_rotary_pos_emb
+    # the layer's submodules and constants, looked up once (attribute lookups on modules cost on every readout)
+    projections: tuple = field(init=False)  # q, k, v, o, gate, up, down
+    norms: tuple = field(init=False)  # input_layernorm, post_attention_layernorm
+    head_dim: int = field(init=False)
+    scaling: float = field(init=False)
+    groups: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        attention, mlp = self.layer.self_attn, self.layer.mlp
+        self.projections = tuple(getattr(attention, name) for name in _PROJECTIONS) + tuple(getattr(mlp, name) for name in _MLP)
+        self.norms = (self.layer.input_layernorm, self.layer.post_attention_layernorm)
+        self.head_dim, self.scaling, self.groups = attention.head_dim, attention.scaling, attention.num_key_value_groups
 
 
 @dataclass
@@ -53,8 +65,7 @@ class StackPlan:
     projections: list[nn.Module] = field(init=False)  # every layer's projections: each needs a (primal, tangents) map
 
     def __post_init__(self) -> None:
-        self.projections = [getattr(plan.layer.self_attn, name) for plan in self.layers for name in _PROJECTIONS] + \
-            [getattr(plan.layer.mlp, name) for plan in self.layers for name in _MLP]
+        self.projections = [module for plan in self.layers for module in plan.projections]
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -132,26 +143,27 @@ def _rotate_tangents(rotary: Callable, q_t: Optional[torch.Tensor], k_t: Optiona
 
 def _layer(plan: _LayerPlan, pairs: dict[nn.Module, Pair], x: torch.Tensor, x_t: Optional[torch.Tensor],
            position: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    attention, mlp = plan.layer.self_attn, plan.layer.mlp
-    h, h_t = rms_norm_pair(plan.layer.input_layernorm.weight, plan.attention_norm, x, x_t)
-    (q, q_t), (k, k_t), (v, v_t) = (pairs[getattr(attention, name)](h, h_t) for name in _PROJECTIONS[:3])
-    head_dim = attention.head_dim
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = (pairs[module] for module in plan.projections)
+    attention_norm, mlp_norm = plan.norms
+    h, h_t = rms_norm_pair(attention_norm.weight, plan.attention_norm, x, x_t)
+    (q, q_t), (k, k_t), (v, v_t) = q_proj(h, h_t), k_proj(h, h_t), v_proj(h, h_t)
+    head_dim = plan.head_dim
     q, k, v = (_heads(t, head_dim, 1) for t in (q, k, v))  # [rows, heads, length, head_dim]
     q_t, k_t, v_t = (None if t is None else _heads(t, head_dim, 2) for t in (q_t, k_t, v_t))
     cos, sin = position
     q, k = plan.rotary(q, k, cos, sin)
     q_t, k_t = _rotate_tangents(plan.rotary, q_t, k_t, cos, sin)
-    out, out_t = attention_pair(q, q_t, k, k_t, v, v_t, mask, attention.scaling, attention.num_key_value_groups)
+    out, out_t = attention_pair(q, q_t, k, k_t, v, v_t, mask, plan.scaling, plan.groups)
     out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
     if q_t is None and k_t is None and v_t is None:
         out_t = None
     else:
         out_t = out_t.transpose(2, 3).reshape(out_t.shape[0], *x.shape[:-1], -1)
-    y, y_t = pairs[attention.o_proj](out, out_t)
+    y, y_t = o_proj(out, out_t)
     x, x_t = x + y, _add(x_t, y_t)
-    h, h_t = rms_norm_pair(plan.layer.post_attention_layernorm.weight, plan.mlp_norm, x, x_t)
-    (gate, gate_t), (up, up_t) = pairs[mlp.gate_proj](h, h_t), pairs[mlp.up_proj](h, h_t)
-    y, y_t = pairs[mlp.down_proj](*_silu_times(gate, gate_t, up, up_t))
+    h, h_t = rms_norm_pair(mlp_norm.weight, plan.mlp_norm, x, x_t)
+    (gate, gate_t), (up, up_t) = gate_proj(h, h_t), up_proj(h, h_t)
+    y, y_t = down_proj(*_silu_times(gate, gate_t, up, up_t))
     return x + y, _add(x_t, y_t)
 
 
