@@ -216,8 +216,9 @@ def attention_pair(q: torch.Tensor, q_t: Optional[torch.Tensor], k: torch.Tensor
     key-value heads) and every copy's tangents ([copies, *shape], or None for none): (out, tangent) in those layouts
     (a tangent of leading size 1 when no input had one).
 
-    `attention_mask`: None (then causal if `causal`), boolean (True: may attend) or additive, broadcastable to the scores.
-    Grouped-query attention stacks the `groups` query heads of each key/value head along the length instead of
+    `attention_mask`: None (then causal if `causal`), boolean (True: may attend) or additive, broadcastable to the scores
+    [rows, heads, length, keys], or with 5 dimensions to the grouped scores [rows, kv heads, groups, length, keys]:
+    grouped-query attention stacks the `groups` query heads of each key/value head along the length instead of
     repeating keys and values.
     """
     rows, heads, length, head_dim = q.shape

@@ -151,8 +151,12 @@ def _layer(plan: _LayerPlan, pairs: dict[nn.Module, Pair], x: torch.Tensor, x_t:
     q, k, v = (_heads(t, head_dim, 1) for t in (q, k, v))  # [rows, heads, length, head_dim]
     q_t, k_t, v_t = (None if t is None else _heads(t, head_dim, 2) for t in (q_t, k_t, v_t))
     cos, sin = position
-    q, k = plan.rotary(q, k, cos, sin)
-    q_t, k_t = _rotate_tangents(plan.rotary, q_t, k_t, cos, sin)
+    if q_t is not None and k_t is not None:  # primal and tangents turned in one call (cos and sin broadcast)
+        turned_q, turned_k = plan.rotary(torch.cat((q.unsqueeze(0), q_t)), torch.cat((k.unsqueeze(0), k_t)), cos, sin)
+        q, q_t, k, k_t = turned_q[0], turned_q[1:], turned_k[0], turned_k[1:]
+    else:
+        q, k = plan.rotary(q, k, cos, sin)
+        q_t, k_t = _rotate_tangents(plan.rotary, q_t, k_t, cos, sin)
     out, out_t = attention_pair(q, q_t, k, k_t, v, v_t, mask, plan.scaling, plan.groups)
     out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
     if q_t is None and k_t is None and v_t is None:
@@ -195,6 +199,9 @@ def llama_stack_forward(plan: StackPlan, pairs: dict[nn.Module, Pair], copies: i
         mask = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None, None]
         if attention_mask is not None:
             mask = mask & first_copy(attention_mask, copies).bool()[:, None, None, :]
+        # additive, and shaped as `attention_pair` groups the scores ([rows, kv heads, groups, length, keys]): once for
+        # every layer
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf")).unsqueeze(2)
         x_t = None
         for layer in plan.layers:
             x, x_t = _layer(layer, pairs, x, x_t, position, mask)
