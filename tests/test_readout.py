@@ -324,6 +324,12 @@ def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
             replaced.add_(0.0)
         base.weight = nn.Parameter(replaced)
         agrees()
+        head = model.get_output_embeddings()  # a plain linear layer outside the subspace, replaced the same way
+        replaced = head.weight * 1.5
+        while replaced._version < head.weight._version:
+            replaced.add_(0.0)
+        head.weight = nn.Parameter(replaced)
+        agrees()
     with model.disable_adapter():
         assert kept.scores(queries, directions).abs().max() < 1e-4
     # the engine only watches the directions: a tensor the caller drops is freed (its memory could then hold others)

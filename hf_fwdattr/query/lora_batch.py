@@ -171,6 +171,7 @@ class LoRABatchEngine:
         self._stack: Optional[tuple[Optional[StackPlan]]] = None  # (the Llama stack written out, or None), once found
         self._stack_modules: Optional[set[nn.Module]] = None
         self._frozen: Optional[list[nn.Module]] = None
+        self._plain_linear: Optional[list[nn.Module]] = None
         self._patches: Optional[tuple] = None  # (key, the forwards of the last batched JVP, its directions' owner, weakly)
         self._lora_modules = {layer.module for layer in layers}
         self._lora_modules_in_order = [layer.module for layer in layers]
@@ -313,8 +314,12 @@ class LoRABatchEngine:
 
     def _layers_state(self) -> tuple:
         """What the batched JVP's layer maps depend on besides the directions: the state (`_weights_state`) of every LoRA
-        layer of the subspace and every frozen LoRA projection of the decoder stack."""
-        return tuple(_weights_state(module) for module in self._lora_modules_in_order + self._frozen_lora())
+        layer of the subspace and every frozen LoRA projection of the decoder stack, and which weight and bias tensors
+        the plain linear layers hold (their maps keep them; a change in place needs no rebuild)."""
+        if self._plain_linear is None:
+            self._plain_linear = [module for module, kind, _ in self._other_layers() if kind == "linear"]
+        return tuple(_weights_state(module) for module in self._lora_modules_in_order + self._frozen_lora()) + tuple(
+            (id(module._parameters.get("weight")), id(module._parameters.get("bias"))) for module in self._plain_linear)
 
     def _frozen_lora(self) -> list[nn.Module]:
         """The decoder stack's PEFT LoRA projections outside the subspace (found once)."""
@@ -399,7 +404,7 @@ class LoRABatchEngine:
 
 def _tensor_identity(tensor: torch.Tensor) -> tuple:
     """Which memory a tensor reads and its in-place version: equal for the same tensor unchanged (and for a view of
-    it taken the same way), while a reference to the tensor is held."""
+    it taken the same way), as long as the tensor owning that memory lives (no other tensor can have it then)."""
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
             tensor.device, tensor._version)
 
