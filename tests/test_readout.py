@@ -292,8 +292,9 @@ def test_batched_engine_follows_an_adapter_that_is_off(lm_task, state):
 
 def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
     """The batched JVP keeps its layer maps from one readout to the next while the directions and the weights stay the
-    same: reading other queries reuses them; directions changed in place, a weight changed in place, a replaced
-    weight and an adapter switched off are each followed (equal to a readout that starts afresh)."""
+    same: reading other queries reuses them; directions changed in place, a LoRA weight changed in place, a replaced
+    base weight, a replaced output head and an adapter switched off are each followed (equal to a readout that starts
+    afresh); directions the caller drops are not kept alive."""
     model, kwargs = make_lm("llama", "peft")
     subspace = AttributionSubspace.build(model, **kwargs)
     queries, others = lm_queries(lm_examples(2, seed=31)), lm_queries(lm_examples(2, seed=32))
