@@ -290,6 +290,13 @@ def test_batched_engine_follows_an_adapter_that_is_off(lm_task, state):
                 assert scores.abs().max() < 1e-4, (mode, engine)
 
 
+def _same_version(replacement: torch.Tensor, old: torch.Tensor) -> nn.Parameter:
+    """`replacement` as a parameter at `old`'s in-place version: only its identity tells the two apart."""
+    while replacement._version < old._version:
+        replacement.add_(0.0)
+    return nn.Parameter(replacement)
+
+
 def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
     """The batched JVP keeps its layer maps from one readout to the next while the directions and the weights stay the
     same: reading other queries reuses them; directions changed in place, a LoRA weight changed in place, a replaced
@@ -320,16 +327,10 @@ def test_one_readout_kept_for_the_next_query_follows_every_change(lm_task):
         layer.module.lora_B[layer.adapter].weight.add_(0.5)  # in place
         agrees()
         base = layer.module.get_base_layer()
-        replaced = base.weight + 0.25
-        while replaced._version < base.weight._version:  # the same in-place version: only its identity tells them apart
-            replaced.add_(0.0)
-        base.weight = nn.Parameter(replaced)
+        base.weight = _same_version(base.weight + 0.25, base.weight)
         agrees()
         head = model.get_output_embeddings()  # a plain linear layer outside the subspace, replaced the same way
-        replaced = head.weight * 1.5
-        while replaced._version < head.weight._version:
-            replaced.add_(0.0)
-        head.weight = nn.Parameter(replaced)
+        head.weight = _same_version(head.weight * 1.5, head.weight)
         agrees()
     with model.disable_adapter():
         assert kept.scores(queries, directions).abs().max() < 1e-4
