@@ -100,6 +100,7 @@ def test_lora_finetune_writes_an_artifact_whose_top_proponent_states_the_fact(ba
     assert artifact.simulation["cost_vs_training"] > 0
     # the unlearning solver takes Adam steps at unlearning_rate: it has no η of the recursion
     assert artifact.simulation["step_size"] is None if solver == "unlearning" else artifact.simulation["step_size"] > 0
+    assert artifact.simulation.get("eigenbasis") == ({"kind": "kronecker"} if solver == "closed_form" else None)  # FAST_BASIS
     assert artifact.config.readout.value == ("removal" if solver == "unlearning" else "jvp")
     assert _top_document_accuracy(artifact, model, tokenizer, corpus["questions"]) >= 0.8
 

@@ -289,6 +289,45 @@ def test_auto_resolves_the_top_of_the_exact_ggn_beyond_the_explicit_size_and_say
     assert type(estimate_eigenbasis(subspace, lm_task, train, kronecker)).__name__ == "KroneckerEigenbasis"  # still selectable
 
 
+def test_a_low_rank_basis_records_what_it_resolves_and_warns_when_the_filter_is_not_flat_beyond(lm_task, caplog):
+    import logging
+
+    from conftest import make_lm
+
+    from hf_fwdattr import AttributionConfig
+    from hf_fwdattr.estimator.eigenbasis import (describe_eigenbasis, eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis,
+                                                 horizon_filter)
+
+    model, kwargs = make_lm("llama", "peft")
+    subspace = AttributionSubspace.build(model, **kwargs)
+    train = lm_examples(16, seed=3)
+    small = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, curvature_rank=16, damping=1e-3)
+    with caplog.at_level(logging.WARNING, logger="hf_fwdattr"):
+        basis = estimate_eigenbasis(subspace, lm_task, train, small)
+    resolution = basis.resolution
+    assert resolution["kind"] == "low_rank" and resolution["rank"] == 16
+    assert resolution["smallest_resolved_eigenvalue"] == pytest.approx(float(basis.eigenvalues[-1]))
+    assert resolution["complement_eigenvalue"] == pytest.approx(basis.complement) and 0 < resolution["resolved_trace_fraction"] < 1
+    # K → ∞: the filter is −1/(h + λ), so the ratio is (complement + λ) / (smallest + λ)
+    assert resolution["filter_ratio"] == pytest.approx((basis.complement + 1e-3) / (float(basis.eigenvalues[-1]) + 1e-3), rel=1e-6)
+    assert resolution["filter_ratio"] < 0.5 and "The low-rank eigenbasis resolves the GGN's 16 largest eigendirections" in caplog.text
+    assert describe_eigenbasis(basis) == resolution
+    assert eigenbasis_from_state(eigenbasis_state(basis), subspace).resolution == resolution  # what other processes and the artifact get
+
+    # a damping far above the unresolved eigenvalues flattens the filter there: nothing to warn about
+    caplog.clear()
+    flat = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, curvature_rank=16, damping=1e3)
+    with caplog.at_level(logging.WARNING, logger="hf_fwdattr"):
+        calm = estimate_eigenbasis(subspace, lm_task, train, flat)
+    assert calm.resolution["filter_ratio"] > 0.99 and "The low-rank eigenbasis resolves" not in caplog.text
+    # a finite horizon: the ratio of the K-step filter at the two eigenvalues
+    short = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, curvature_rank=16, damping=1e-3, horizon=10, step_size=0.01)
+    finite = estimate_eigenbasis(subspace, lm_task, train, short).resolution
+    values = horizon_filter(0.01, 10, 1e-3)(torch.tensor([finite["smallest_resolved_eigenvalue"], finite["complement_eigenvalue"]], dtype=torch.float64))
+    assert finite["filter_ratio"] == pytest.approx(float(values[0] / values[1]), rel=1e-9)
+    assert describe_eigenbasis(estimate_eigenbasis(subspace, lm_task, train, AttributionConfig(batch_size=8))) == {"kind": "explicit"}
+
+
 def test_the_default_horizon_applies_the_damped_inverse_without_an_eigendecomposition(lm_task):
     """horizon='inf' (the default) with the explicit curvature: −(H + λI)⁻¹g from a Cholesky factorisation equals the
     eigendecomposition's damped inverse; it travels between processes as its matrix, and refuses another config."""

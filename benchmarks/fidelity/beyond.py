@@ -131,7 +131,7 @@ def probe(seed: int) -> None:
             print(f"low-rank pass, width {width}", time.perf_counter() - start, time.process_time() - cpu)
 
 
-def run(seed: int, extra: bool = False, log=print) -> dict:
+def run(seed: int, extra: bool = False, tolerance: float = 0.02, log=print) -> dict:
     """Every contender's scores [Q, D], build seconds (wall, CPU) and per-query Spearman against the CG reference."""
     from hf_fwdattr import AttributionConfig, AttributionSubspace, simulate_responses
     from hf_fwdattr.estimator.eigenbasis import ExplicitEigenbasis, KroneckerEigenbasis, estimate_eigenbasis, horizon_filter
@@ -196,17 +196,20 @@ def run(seed: int, extra: bool = False, log=print) -> dict:
             if "reference" in out["scores"]:  # the iterate 5 iterations earlier: how much the reference still moves
                 out["scores"]["reference_5_iterations_earlier"] = out["scores"]["reference"]
             out["scores"]["reference"] = -x @ gradients.T
+            out["scores"][f"cg_iterate_{iteration:03d}"] = out["scores"]["reference"].clone()
             out["cg"] = {"iterations": iteration, "residual": residual}
             agreement(out, log)
             save(out)
 
-        solution, iterations, residual = timed("reference_cg", lambda: conjugate_gradients(apply, queries, damping, precondition, log=log,
-                                                                                          snapshot=snapshot))
+        solution, iterations, residual = timed("reference_cg", lambda: conjugate_gradients(apply, queries, damping, precondition, tolerance,
+                                                                                          log=log, snapshot=snapshot))
         true_residual = (queries - apply(solution) - damping * solution).norm(dim=1) / queries.norm(dim=1)
         out["cg"] = {"iterations": iterations, "residual": residual, "true_residual": float(true_residual.max())}
         log(f"CG: {out['cg']}")
         out["scores"]["reference"] = -solution @ gradients.T
         agreement(out, log)
+        # how many exact iterations the ranking needs: each kept iterate against the converged reference
+        out["cg_iterates"] = {name: out["agreement"].pop(name) for name in sorted(out["agreement"]) if name.startswith("cg_iterate_")}
     return out
 
 
@@ -217,7 +220,8 @@ def agreement(out: dict, log=print) -> None:
     for name, values in out["scores"].items():
         rho = spearman_rows(out["scores"]["reference"], values)
         out["agreement"][name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
-    log(f"  agreement at CG {out['cg']}: " + ", ".join(f"{k} {v['spearman_mean']:.3f}" for k, v in out["agreement"].items()))
+    log(f"  agreement at CG {out['cg']}: " + ", ".join(f"{k} {v['spearman_mean']:.3f}" for k, v in out["agreement"].items()
+                                                       if not k.startswith("cg_iterate_")))
 
 
 def save(out: dict) -> None:
@@ -239,6 +243,10 @@ def main() -> None:
     parser.add_argument("--hybrid", action="store_true", help="Score the low-rank + EK-FAC hybrid against a saved reference (tuning).")
     parser.add_argument("--ranks", type=int, nargs="*", help="Score the low-rank basis at these ranks against a saved reference (tuning).")
     parser.add_argument("--sketch", type=int, default=8, help="With --ranks: sketched passes per batch.")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="CG stops at this largest relative residual.")
+    parser.add_argument("--spectrum", action="store_true", help="Count the GGN's eigenvalues above multiples of λ (Lanczos quadrature).")
+    parser.add_argument("--own-curvature", action="store_true",
+                        help="Score the low-rank basis + each document's own GGN in its complement against a saved reference (tuning).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe:
@@ -247,10 +255,16 @@ def main() -> None:
     if args.hybrid:
         hybrid(args.seed)
         return
+    if args.spectrum:
+        spectrum(args.seed)
+        return
+    if args.own_curvature:
+        own_curvature(args.seed)
+        return
     if args.ranks:
         more_ranks(args.seed, args.ranks, args.sketch)
         return
-    result = run(args.seed, args.extra)
+    result = run(args.seed, args.extra, args.tolerance)
     save(result)
     print(json.dumps({k: v for k, v in result.items() if k != "scores"}, indent=1, sort_keys=True))
 
@@ -318,6 +332,98 @@ def more_ranks(seed: int, ranks: list[int], samples: int, log=print) -> dict:
                                                           "cpu_seconds": cpu, "epochs": cpu / made["epoch"]["epoch_cpu_seconds"],
                                                           "last": float(low.eigenvalues[-1]), "complement": low.complement}
             log(json.dumps(out))
+    return out
+
+
+
+def spectrum(seed: int, probes: int = 4, steps: int = 80, log=print) -> dict:
+    """How many of the GGN's eigenvalues lie above t·λ, and the trace they hold, by stochastic Lanczos quadrature: `steps`
+    Lanczos steps (exact GGN-vector products, full reorthogonalisation) from each of `probes` random unit vectors; the
+    Ritz values θ_j with weights w_j² (first components of the Ritz vectors) give #{h > t} ≈ p · mean Σ_j w_j² [θ_j > t].
+    Saved as cache/beyond-seed<seed>/spectrum.json."""
+    from hf_fwdattr import AttributionConfig, AttributionSubspace
+
+    made = setting(seed)
+    damping = AttributionConfig().curvature_shift
+    with AttributionSubspace.build(made["model"], "peft") as subspace:
+        p = subspace.dim
+        apply = ggn_operator(subspace, made["task"], made["train"], AttributionConfig().batch_size)
+        vector = torch.randn(probes, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        vector /= vector.norm(dim=1, keepdim=True)
+        basis, alphas, betas = [vector], [], []
+        previous, beta = torch.zeros_like(vector), torch.zeros(probes, dtype=torch.float64)
+        cpu = time.process_time()
+        for _ in range(steps):
+            product = apply(vector)
+            alpha = (product * vector).sum(1)
+            product -= alpha[:, None] * vector + beta[:, None] * previous
+            stacked = torch.stack(basis, 1)
+            product -= torch.einsum("bj,bjp->bp", torch.einsum("bjp,bp->bj", stacked, product), stacked)
+            beta = product.norm(dim=1)
+            alphas.append(alpha)
+            betas.append(beta)
+            previous, vector = vector, product / beta[:, None]
+            basis.append(vector)
+        cpu = time.process_time() - cpu
+    alphas, betas = torch.stack(alphas, 1), torch.stack(betas, 1)[:, :-1]
+    multiples = (0.1, 1, 3, 10, 30, 100, 300, 1000)
+    counts, traces = torch.zeros(len(multiples), dtype=torch.float64), torch.zeros(len(multiples), dtype=torch.float64)
+    trace = 0.0
+    for probe in range(probes):
+        ritz, vectors = torch.linalg.eigh(torch.diag(alphas[probe]) + torch.diag(betas[probe], 1) + torch.diag(betas[probe], -1))
+        weights = vectors[0] ** 2
+        trace += p * float((weights * ritz).sum()) / probes
+        for i, multiple in enumerate(multiples):
+            above = ritz > multiple * damping
+            counts[i] += p * weights[above].sum() / probes
+            traces[i] += p * (weights * ritz)[above].sum() / probes
+    out = {"seed": seed, "p": p, "damping": damping, "probes": probes, "steps": steps, "cpu_seconds": cpu,
+           "epochs": cpu / made["epoch"]["epoch_cpu_seconds"], "trace": trace,
+           "above": {f"{m:g}": {"eigenvalues": float(c), "trace": float(t)} for m, c, t in zip(multiples, counts, traces)}}
+    (CACHE / f"beyond-seed{seed}" / "spectrum.json").write_text(json.dumps(out, indent=1))
+    log(json.dumps(out, indent=1))
+    return out
+
+
+def own_curvature(seed: int, iterations: int = 40, log=print) -> dict:
+    """Tuning experiment: the defaults' low-rank basis for its eigendirections, and in their complement each document's
+    own GGN (weight 1/N) plus the complement eigenvalue, solved per document by CG with exact products,
+    u_b = V f(h) Vᵀ g_b − (P⊥(G_b/N + c)P⊥ + λ)⁻¹ P⊥ g_b; scored against the saved reference of `seed`."""
+    from safetensors.torch import load_file
+
+    from hf_fwdattr import AttributionConfig, AttributionSubspace, CurvatureOperator
+    from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis, horizon_filter
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
+    from hf_fwdattr.stats import spearman_rows
+
+    saved = load_file(CACHE / f"beyond-seed{seed}" / "scores.safetensors")
+    made = setting(seed)
+    task, train, defaults, documents = made["task"], made["train"], AttributionConfig(), made["documents"]
+    damping = defaults.curvature_shift
+    factor = horizon_filter(0.0, None, damping)
+    out = {}
+    with AttributionSubspace.build(made["model"], "peft") as subspace:
+        gradients = document_gradients(subspace, task, documents, dtype=torch.float64)
+        queries = query_gradients(subspace, task, made["queries"], dtype=torch.float64)
+        basis = estimate_eigenbasis(subspace, task, train, defaults)
+        vectors = basis.eigenvectors.double()
+
+        def outside(rows):
+            return rows - (rows @ vectors) @ vectors.T
+
+        for name, rest in (("own_curvature_mean", float(basis.complement)), ("own_curvature_zero", 0.0)):
+            responses, cpu = [], time.process_time()
+            for row, example in enumerate(documents.examples):  # one example per document here
+                operator = CurvatureOperator(subspace, task, task.collate([example]), "ggn", torch.float64)
+                gradient = gradients[row : row + 1]
+                top = ((gradient @ vectors) * factor(basis.eigenvalues.double())) @ vectors.T
+                solution = conjugate_gradients(lambda rows: outside(operator.matvec(outside(rows)) / len(train)) + rest * outside(rows),
+                                               outside(gradient), damping, tolerance=1e-3, max_iterations=iterations, log=lambda _: None)[0]
+                responses.append(top - solution)
+            rho = spearman_rows(saved["reference"], queries @ torch.cat(responses).T)
+            out[name] = {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min()), "cpu_seconds": time.process_time() - cpu}
+            log(json.dumps(out))
+    out["saved_defaults"] = float(spearman_rows(saved["reference"], saved["defaults"]).nanmean())
     return out
 
 

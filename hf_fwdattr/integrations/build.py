@@ -22,7 +22,7 @@ from ..errors import ArtifactError
 from ..estimator.config import AttributionConfig, Solver
 from ..estimator.curvature import estimate_step_size
 from ..estimator.documents import DocumentSet
-from ..estimator.eigenbasis import eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis
+from ..estimator.eigenbasis import describe_eigenbasis, eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis
 from ..estimator.gradients import query_gradients
 from ..estimator.simulate import simulate_responses
 from ..estimator.subspace import AttributionSubspace, SubspaceSpec
@@ -145,6 +145,8 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
     curvature_start, curvature_cpu = time.perf_counter(), time.process_time()
     eigenbasis = _shared_eigenbasis(built, task, train_examples, config, processes, progress) if config.solver is Solver.CLOSED_FORM else None
     curvature = {"curvature_seconds": time.perf_counter() - curvature_start, "curvature_cpu_seconds": time.process_time() - curvature_cpu}
+    if eigenbasis is not None:
+        curvature["eigenbasis"] = describe_eigenbasis(eigenbasis)
     step_size, top = processes.broadcast(estimate_step_size(built, task, train_examples, config, eigenbasis) if processes.is_main else None)
     compressed, reason = compression.compress(len(table), built.dim, config.torch_dtype)
     if processes.is_main:
@@ -195,7 +197,7 @@ def _simulate_and_save(built, model, task, documents, table, train_examples, out
             model_fingerprint=built.model_fingerprint, subspace_fingerprint=built.fingerprint,
             base_model=base_model or base_model_of(model),
             simulation={"step_size": step_size, "top_eigenvalue": top, "seconds": time.perf_counter() - start,
-                        "processes": processes.world, "inputs_sha256": inputs_sha256},
+                        "processes": processes.world, "inputs_sha256": inputs_sha256, **curvature},
         )
         if config.readout_basis_rank_for(len(table)) > 0:
             attach_readout_basis(artifact, built, task, heldout_queries(train_examples, config.seed))
