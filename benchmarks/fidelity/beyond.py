@@ -244,6 +244,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="*", help="Score the low-rank basis at these ranks against a saved reference (tuning).")
     parser.add_argument("--sketch", type=int, default=8, help="With --ranks: sketched passes per batch.")
     parser.add_argument("--tolerance", type=float, default=0.02, help="CG stops at this largest relative residual.")
+    parser.add_argument("--cg-iterates", type=int, metavar="N",
+                        help="Tuning: CG on the scored documents, preconditioned by the defaults' basis; every iterate up to N scored "
+                             "against the saved reference.")
+    parser.add_argument("--cg-solver", type=int, metavar="N",
+                        help="The conjugate_gradients solver with cg_iterations=N as a user runs it, timed, scored against the saved reference.")
     parser.add_argument("--spectrum", action="store_true", help="Count the GGN's eigenvalues above multiples of λ (Lanczos quadrature).")
     parser.add_argument("--own-curvature", action="store_true",
                         help="Score the low-rank basis + each document's own GGN in its complement against a saved reference (tuning).")
@@ -257,6 +262,9 @@ def main() -> None:
         return
     if args.spectrum:
         spectrum(args.seed)
+        return
+    if args.cg_iterates or args.cg_solver:
+        conjugate_gradient_documents(args.seed, args.cg_iterates or args.cg_solver, snapshots=bool(args.cg_iterates))
         return
     if args.own_curvature:
         own_curvature(args.seed)
@@ -334,6 +342,63 @@ def more_ranks(seed: int, ranks: list[int], samples: int, log=print) -> dict:
             log(json.dumps(out))
     return out
 
+
+
+def conjugate_gradient_documents(seed: int, iterations: int, snapshots: bool, log=print) -> dict:
+    """The `conjugate_gradients` solver on the scored documents against the saved reference of `seed`. `snapshots`
+    (tuning): `estimator.conjugate.conjugate_gradients` as the solver calls it (the defaults' basis as preconditioner,
+    exact GGN products), every iterate up to `iterations` scored; else the solver itself with cg_iterations =
+    `iterations`, as a user runs it (`AttributionConfig(solver="conjugate_gradients")`), timed from the eigenbasis on.
+    Saved as cache/beyond-seed<seed>/cg_<mode>.json."""
+    from safetensors.torch import load_file
+
+    from hf_fwdattr import AttributionConfig, AttributionSubspace, simulate_responses
+    from hf_fwdattr.estimator.conjugate import conjugate_gradients as solve
+    from hf_fwdattr.estimator.eigenbasis import estimate_eigenbasis, horizon_filter
+    from hf_fwdattr.estimator.gradients import document_gradients, query_gradients
+    from hf_fwdattr.stats import spearman_rows
+
+    saved = load_file(CACHE / f"beyond-seed{seed}" / "scores.safetensors")
+    made = setting(seed)
+    task, train, documents = made["task"], made["train"], made["documents"]
+    config = AttributionConfig(solver="conjugate_gradients", cg_iterations=iterations)
+    epoch = made["epoch"]["epoch_cpu_seconds"]
+    out = {"seed": seed, "iterations": iterations, "epoch": made["epoch"], "documents": len(documents), "spearman": {}}
+
+    def agree(scores: torch.Tensor) -> dict:
+        rho = spearman_rows(saved["reference"], scores)
+        return {"spearman_mean": float(rho.nanmean()), "spearman_min": float(rho.min())}
+
+    with AttributionSubspace.build(made["model"], "peft") as subspace:
+        queries = query_gradients(subspace, task, made["queries"], dtype=torch.float64)
+        cpu = time.process_time()
+        basis = estimate_eigenbasis(subspace, task, train, config)
+        out["eigenbasis_epochs"] = (time.process_time() - cpu) / epoch
+        if snapshots:
+            gradients = document_gradients(subspace, task, documents, dtype=torch.float64)
+            apply = ggn_operator(subspace, task, train, config.batch_size)
+            damping = config.curvature_shift
+
+            def precondition(rows):
+                return -basis.filter(rows, horizon_filter(0.0, None, damping))
+
+            def seen(iteration, solution):
+                out["spearman"][iteration] = agree(-(queries @ solution.T))
+                log(f"iteration {iteration}: {out['spearman'][iteration]}")
+
+            out["spearman"][0] = agree(queries @ basis.filter(gradients, horizon_filter(0.0, None, damping)).T)
+            cpu = time.process_time()
+            solve(apply, gradients, damping, 1e-6, iterations, precondition, seen, exact_residuals=False)
+            out["cg_epochs"] = (time.process_time() - cpu) / epoch
+        else:
+            cpu = time.process_time()
+            result = simulate_responses(subspace, task, documents, train, config, eigenbasis=basis)
+            out["solver_epochs"] = (time.process_time() - cpu) / epoch
+            out["solver_epochs_per_document"] = out["solver_epochs"] / len(documents)
+            out["spearman"][iterations] = agree(queries @ result.responses.double().T)
+    (CACHE / f"beyond-seed{seed}" / f"cg_{'iterates' if snapshots else 'solver'}.json").write_text(json.dumps(out, indent=1))
+    log(json.dumps(out, indent=1))
+    return out
 
 
 def spectrum(seed: int, probes: int = 4, steps: int = 80, log=print) -> dict:

@@ -28,6 +28,11 @@ class Solver(str, Enum):
     """As two-trajectory but with θ* as the unperturbed end point (exact when θ* is stationary)."""
     CLOSED_FORM = "closed_form"
     """The K-step recursion with full-batch curvature in closed form: −(1 − (1 − η(h+λ))^K)/(h+λ) per eigendirection."""
+    CONJUGATE_GRADIENTS = "conjugate_gradients"
+    """Damped influence −(H + λI)⁻¹ g_b (K → ∞) by `cg_iterations` conjugate-gradient steps per document with exact
+    curvature-vector products over the curvature examples, preconditioned by the closed form's eigenbasis (which it
+    estimates as the closed form does): exact where the closed form's basis is an approximation (beyond
+    `explicit_max_dim`), at the cost of `cg_iterations` curvature products per document."""
     UNLEARNING = "unlearning"
     """Nonlinear: K Adam steps from θ* that ascend L_b and descend `unlearning_retain` × the minibatch loss (document b
     unlearned, the rest kept); u_b = θ* − θ_K, the finite response to removing b, with the sign of an up-weighting.
@@ -88,13 +93,15 @@ class ReadoutMode(str, Enum):
 
 
 INFINITE_HORIZON = "inf"
-DEFAULT_HORIZONS = {"closed_form": INFINITE_HORIZON, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100, "unlearning": 20}
+DEFAULT_HORIZONS = {"closed_form": INFINITE_HORIZON, "conjugate_gradients": INFINITE_HORIZON, "linearized": 100, "two_trajectory": 100, "single_trajectory": 100, "unlearning": 20}
 """K when `horizon` is None. The closed form costs the same at any K and defaults to the K → ∞ limit, damped influence
 itself: with an exact eigenbasis K = 3000 still agreed with it at per-query Spearman 0.93 only (benchmarks/RESULTS.md,
 issue 15); the iterative solvers cost K curvature products; unlearning costs K backward passes per document (20 Adam
 steps at rate 1e-3 unlearn a fact document; issue 9, Table 8)."""
 DEFAULT_READOUTS = {"unlearning": "removal"}
 """`readout` when None: the removal readout for finite responses, the JVP otherwise."""
+CG_ITERATIONS = 20
+"""`cg_iterations`' default (chosen on one seed of the p = 131,072 benchmark, benchmarks/RESULTS.md, issue 15)."""
 AUTO_BASIS_RANK = 1024
 AUTO_BASIS_MIN_DOCUMENTS = 10_000
 """readout_basis_rank='auto' builds a basis of rank <= AUTO_BASIS_RANK from this many documents on: there the exact
@@ -171,8 +178,18 @@ class AttributionConfig:
     )
     solver: Solver = field(
         default=Solver.CLOSED_FORM,
-        metadata={"help": "closed_form | linearized | two_trajectory | single_trajectory | unlearning (see `Solver`; closed_form is the "
-                  "one that scales, unlearning the nonlinear removal response that traces facts best)."},
+        metadata={"help": "closed_form | conjugate_gradients | linearized | two_trajectory | single_trajectory | unlearning (see `Solver`; "
+                  "closed_form is the one that scales, conjugate_gradients exact damped influence beyond explicit_max_dim, unlearning "
+                  "the nonlinear removal response that traces facts best)."},
+    )
+    cg_iterations: int = field(
+        default=CG_ITERATIONS,
+        metadata={"help": "conjugate_gradients solver: the most CG steps per document (each one curvature-vector product per document "
+                  "over the curvature examples); it stops earlier at `cg_tolerance`."},
+    )
+    cg_tolerance: float = field(
+        default=1e-3,
+        metadata={"help": "conjugate_gradients solver: a document's CG stops at this relative residual ‖(H + λI)u + g_b‖ / ‖g_b‖."},
     )
     curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized solver)."})
     batch_size: int = field(
@@ -316,10 +333,13 @@ class AttributionConfig:
         fraction = finite_number("step_size_fraction")
         if not 0 < fraction < 2:
             fail(f"`step_size_fraction` must lie in (0, 2) so that η(h_max + λ) < 2, got {fraction!r}; 1.0 is safe.")
+        if self.solver is Solver.CONJUGATE_GRADIENTS and self.horizon != INFINITE_HORIZON:
+            fail(f"solver='conjugate_gradients' solves for damped influence itself (horizon='inf'), got horizon={self.horizon!r}; leave "
+                 "`horizon` unset, or use solver='closed_form' for a finite horizon.")
         if self.horizon == INFINITE_HORIZON:
-            if self.solver is not Solver.CLOSED_FORM:
-                fail(f"horizon='inf' (the K → ∞ limit) is computed by solver='closed_form' only; {self.solver.value!r} runs K steps: "
-                     "give `horizon` as an integer.")
+            if self.solver not in (Solver.CLOSED_FORM, Solver.CONJUGATE_GRADIENTS):
+                fail(f"horizon='inf' (the K → ∞ limit) is computed by solver='closed_form' or 'conjugate_gradients' only; "
+                     f"{self.solver.value!r} runs K steps: give `horizon` as an integer.")
             if self.curvature_shift <= 0:
                 fail("horizon='inf' is damped influence −(H + λI)⁻¹ g_b, which needs `damping` (or `weight_decay`) > 0: flat "
                      "directions would get an infinite response. Set damping > 0, or a finite horizon.")
@@ -327,8 +347,10 @@ class AttributionConfig:
             positive_int("horizon")
         for name in ("batch_size", "power_iterations", "power_iteration_batches", "readout_chunk_size",
                      "simulation_chunk_size", "explicit_max_dim", "curvature_sketch", "exact_curvature_max_passes",
-                     "curvature_rank"):
+                     "curvature_rank", "cg_iterations"):
             positive_int(name)
+        if not finite_number("cg_tolerance") > 0:
+            fail(f"`cg_tolerance` must be > 0, got {self.cg_tolerance!r}.")
         power_passes = self.curvature_power_passes
         if isinstance(power_passes, bool) or not isinstance(power_passes, int) or power_passes < 0:
             fail(f"`curvature_power_passes` must be an integer >= 0, got {power_passes!r}.")
@@ -339,9 +361,9 @@ class AttributionConfig:
             fail(f"`readout_basis_rank` must be an integer >= 0 (0 turns the compressed basis off) or 'auto', got {rank!r}.")
         if not 0 < finite_number("readout_basis_fidelity") <= 1:
             fail(f"`readout_basis_fidelity` must lie in (0, 1], got {self.readout_basis_fidelity!r}.")
-        if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.KRONECKER and self.curvature is Curvature.HESSIAN:
+        if self.uses_eigenbasis and self.eigenbasis is Eigenbasis.KRONECKER and self.curvature is Curvature.HESSIAN:
             fail("`eigenbasis` 'kronecker' (EK-FAC) approximates the GGN only; use curvature='ggn', or eigenbasis='explicit' for the Hessian.")
-        if self.solver is Solver.CLOSED_FORM and self.eigenbasis is Eigenbasis.LOW_RANK and self.curvature is Curvature.HESSIAN:
+        if self.uses_eigenbasis and self.eigenbasis is Eigenbasis.LOW_RANK and self.curvature is Curvature.HESSIAN:
             fail("`eigenbasis` 'low_rank' resolves the GGN's eigendirections from its Jacobian rows; use curvature='ggn', or "
                  "eigenbasis='explicit' for the Hessian.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -392,6 +414,12 @@ class AttributionConfig:
         if self.readout_basis_rank != "auto":
             return int(self.readout_basis_rank)
         return AUTO_BASIS_RANK if num_documents >= AUTO_BASIS_MIN_DOCUMENTS else 0
+
+    @property
+    def uses_eigenbasis(self) -> bool:
+        """Whether the solver needs the curvature's eigenbasis: the closed form filters in it, conjugate gradients is
+        preconditioned by it."""
+        return self.solver in (Solver.CLOSED_FORM, Solver.CONJUGATE_GRADIENTS)
 
     @property
     def automatic_step_size(self) -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import SimulationDivergedError, TaskError
 from ..progress import progress_bar
-from .config import AttributionConfig, Curvature, Eigenbasis
+from .config import AttributionConfig, Curvature, Eigenbasis, Solver
 from .curvature import CurvatureOperator
 from .documents import length_batches
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
@@ -527,8 +527,8 @@ def _low_rank(subspace: AttributionSubspace, task, examples: Sequence[Any], conf
                         config.curvature_complement, sketch, config.seed, progress)
     basis = ExplicitEigenbasis.from_low_rank(made, config.compute_dtype)
     basis.resolution = curvature_resolution(made, config)
-    if basis.resolution["filter_ratio"] < UNRESOLVED_FILTER_RATIO:
-        logger.warning(unresolved_spectrum_message(basis.resolution, config))
+    if basis.resolution["filter_ratio"] < UNRESOLVED_FILTER_RATIO and config.solver is not Solver.CONJUGATE_GRADIENTS:
+        logger.warning(unresolved_spectrum_message(basis.resolution, config))  # conjugate gradients corrects what it misses
     return basis
 
 
@@ -567,10 +567,11 @@ def unresolved_spectrum_message(resolution: dict, config: AttributionConfig) -> 
             f"The filter differs by up to {1 / resolution['filter_ratio']:.3g}× across that unresolved range, which holds "
             f"{100 * (1 - resolution['resolved_trace_fraction']):.1f}% of the GGN's trace: the responses are exact damped influence "
             "along the resolved directions only, and the order of weakly related documents can differ from exact influence "
-            "(per-query Spearman 0.4–0.5 against conjugate gradients at p = 131,072 in benchmarks/RESULTS.md, issue 15). For "
-            f"closer scores: raise curvature_rank (now {config.curvature_rank}), attribute in a subspace of at most "
-            f"explicit_max_dim = {config.explicit_max_dim} coordinates (exact curvature), or use a larger damping or a finite "
-            "horizon (both flatten the filter below the resolved eigenvalues).")
+            "(per-query Spearman 0.4–0.5 against exact at p = 131,072 in benchmarks/RESULTS.md, issue 15). For exact damped "
+            f"influence: solver='conjugate_gradients' (preconditioned by this basis; cg_iterations = {config.cg_iterations} "
+            "curvature-vector products per document), or a subspace of at most "
+            f"explicit_max_dim = {config.explicit_max_dim} coordinates; for a flatter filter: a larger damping or a finite "
+            "horizon. Raising curvature_rank (now {0}) helps slowly.".format(config.curvature_rank))
 
 
 def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:

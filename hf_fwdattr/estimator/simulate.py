@@ -11,7 +11,9 @@ The iterative solvers share the minibatch sequence (step k uses minibatch k of `
 - single_trajectory: the same with θ* as the unperturbed end point.
 
 The closed_form solver runs the linearised recursion with the full-batch curvature exactly, as one filter
-in the curvature's eigenbasis (see `eigenbasis.py`): one pass of per-document gradients.
+in the curvature's eigenbasis (see `eigenbasis.py`): one pass of per-document gradients. Where that eigenbasis is an
+approximation (beyond `explicit_max_dim`), the conjugate_gradients solver reaches K → ∞ itself, −(H + λI)⁻¹ g_b, by
+conjugate gradients with exact curvature-vector products, preconditioned by the closed form.
 
 The unlearning solver leaves the linear regime: K Adam steps from θ* that ascend L_b while descending
 `unlearning_retain` × the mean loss of training minibatch k (the model forgets document b and keeps the rest), and
@@ -33,8 +35,9 @@ from ..errors import AttributionConfigError, SimulationDivergedError
 from ..progress import progress_bar
 from .config import AttributionConfig, Curvature, Solver
 from .curvature import CurvatureOperator, estimate_step_size
-from .documents import DocumentSet, MinibatchSequence
-from .eigenbasis import DampedInverse, estimate_eigenbasis, horizon_filter, indefinite_curvature_message
+from .conjugate import conjugate_gradients
+from .documents import DocumentSet, MinibatchSequence, length_batches
+from .eigenbasis import DampedInverse, curvature_subset, estimate_eigenbasis, horizon_filter, indefinite_curvature_message
 from .functional import TaskFunction, differentiable_attention, evaluation_mode
 from .gradients import GradientMethod, document_gradients
 from .subspace import AttributionSubspace
@@ -116,8 +119,8 @@ def simulate_responses(
             unlearning solver.
         gradient_method: how per-example gradients are computed.
         progress: show progress bars.
-        eigenbasis: closed_form solver: a precomputed `ExplicitEigenbasis` / `KroneckerEigenbasis`
-            (estimated from `train_examples` when None).
+        eigenbasis: closed_form and conjugate_gradients solvers: a precomputed `ExplicitEigenbasis` / `KroneckerEigenbasis`
+            / `DampedInverse` (estimated from `train_examples` when None).
     """
     task = as_task(task)
     config = config or AttributionConfig()
@@ -129,7 +132,7 @@ def simulate_responses(
     dtype = config.compute_dtype
     start = time.perf_counter()
 
-    if config.solver is Solver.CLOSED_FORM and eigenbasis is None:
+    if config.uses_eigenbasis and eigenbasis is None:
         eigenbasis = estimate_eigenbasis(subspace, task, train_examples, config, progress)
     top = None
     if step_size is None:
@@ -142,6 +145,8 @@ def simulate_responses(
         gradients = document_gradients(subspace, task, documents, config.simulation_chunk_size, None, gradient_method, dtype, progress, rows)
         if config.solver is Solver.CLOSED_FORM:
             responses = _closed_form(eigenbasis, gradients, config, step_size, ids)
+        elif config.solver is Solver.CONJUGATE_GRADIENTS:
+            responses = _conjugate_gradients(subspace, task, eigenbasis, gradients, train_examples, config, step_size, ids, progress)
         elif config.solver is Solver.LINEARIZED:
             responses = _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress)
         else:
@@ -182,6 +187,39 @@ def _closed_form(eigenbasis, gradients: torch.Tensor, config: AttributionConfig,
             "or step_size='auto'."
         )
     return eigenbasis.filter(gradients, horizon_filter(step_size, config.steps, shift))
+
+
+def _conjugate_gradients(subspace, task, eigenbasis, gradients, train_examples, config, step_size, ids, progress) -> torch.Tensor:
+    """u_b = −(H + λI)⁻¹ g_b, H the curvature of the mean loss over the curvature examples (those the eigenbasis was
+    estimated on), by `cg_iterations` CG steps at most for each chunk of documents; the closed form (−filter in the
+    eigenbasis) is the preconditioner, so CG's first step is along the closed form's answer and the next ones correct what
+    its basis missed."""
+    examples = curvature_subset(train_examples, config.curvature_examples, config.seed)
+    batches = length_batches(task, examples, config.batch_size)
+    shift, chunk = config.curvature_shift, config.simulation_chunk_size
+
+    def curvature(rows: torch.Tensor) -> torch.Tensor:
+        # operators are made per product, not kept: each holds its batch's activations for the backward pass
+        product = torch.zeros_like(rows)
+        for batch in batches:
+            operator = CurvatureOperator(subspace, task, task.collate(batch), config.curvature, rows.dtype)
+            product += operator.matvec(rows) * (len(batch) / len(examples))
+        return product
+
+    def precondition(rows: torch.Tensor) -> torch.Tensor:
+        return -_closed_form(eigenbasis, rows, config, step_size, ids)
+
+    responses, iterations, worst = torch.empty_like(gradients), 0, 0.0
+    for lo in progress_bar(range(0, len(gradients), chunk), total=-(-len(gradients) // chunk), desc="Simulating (conjugate gradients)",
+                           enabled=progress):
+        solved = conjugate_gradients(curvature, gradients[lo : lo + chunk], shift, config.cg_tolerance, config.cg_iterations,
+                                     precondition, exact_residuals=False)
+        responses[lo : lo + chunk] = -solved.solutions
+        iterations, worst = max(iterations, solved.iterations), max(worst, float(solved.relative_residuals.max()))
+    logger.info("Conjugate gradients: up to %d iterations per document (cg_iterations = %d), largest relative residual %.3g "
+                "(cg_tolerance = %g), curvature over %d examples.", iterations, config.cg_iterations, worst, config.cg_tolerance,
+                len(examples))
+    return responses
 
 
 def _linearized(subspace, task, gradients, train_examples, sequence, config, step_size, ids, progress) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..estimator.config import Curvature
+from ..estimator.conjugate import ConjugateGradientResult, conjugate_gradients
 from ..estimator.curvature import CurvatureOperator
 from ..estimator.documents import DocumentSet
 from ..estimator.eigenbasis import ExplicitEigenbasis
@@ -69,61 +70,16 @@ def gradient_dot_scores(subspace: AttributionSubspace, task, queries: Sequence[A
     return -(query_gradients(subspace, task, queries).double() @ document_grads.double().T)
 
 
-@dataclass
-class ConjugateGradientResult:
-    """Solutions of (H + λI) x = b for a block of right-hand sides.
-
-    Attributes:
-        solutions: [m, dim] the x's.
-        iterations: CG iterations run.
-        relative_residuals: [m] final ‖(H + λI)x − b‖ / ‖b‖ (recomputed, not the recursion's estimate).
-        converged: whether every relative residual is <= the tolerance.
-        seconds: wall time.
-    """
-
-    solutions: torch.Tensor
-    iterations: int
-    relative_residuals: torch.Tensor
-    converged: bool
-    seconds: float
-
-
 def damped_solve(operator: CurvatureOperator, right_hand_sides: torch.Tensor, damping: float, tolerance: float = 1e-4,
                  max_iterations: int = 2000, chunk_size: int = 32) -> ConjugateGradientResult:
-    """Solve (H + λI) x = b for each row b by conjugate gradients, all rows at once (H from `operator`).
+    """Solve (H + λI) x = b for each row b by conjugate gradients (`estimator.conjugate`), all rows at once, H from
+    `operator`, its products `chunk_size` rows at a time. Each row stops updating once its relative residual is below
+    `tolerance`."""
 
-    H + λI is symmetric positive definite for the GGN (or a Hessian with λ above its most negative
-    eigenvalue). Each row stops updating once its relative residual is below `tolerance`.
-    """
-    start = time.perf_counter()
-    b = right_hand_sides.to(operator.dtype)
+    def curvature(vectors: torch.Tensor) -> torch.Tensor:
+        return torch.cat([operator.matvec(vectors[lo : lo + chunk_size]) for lo in range(0, len(vectors), chunk_size)])
 
-    def apply(vectors: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([operator.matvec(vectors[lo : lo + chunk_size]) for lo in range(0, len(vectors), chunk_size)])
-        return out + damping * vectors
-
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum(1)
-    target = (tolerance * b.norm(dim=1)) ** 2
-    active = rs > target
-    iteration = 0
-    while bool(active.any()) and iteration < max_iterations:
-        rows = torch.nonzero(active).flatten()
-        ap = apply(p[rows])
-        alpha = rs[rows] / (p[rows] * ap).sum(1)
-        x[rows] += alpha[:, None] * p[rows]
-        r[rows] -= alpha[:, None] * ap
-        new_rs = (r[rows] * r[rows]).sum(1)
-        p[rows] = r[rows] + (new_rs / rs[rows])[:, None] * p[rows]
-        rs[rows] = new_rs
-        active[rows] = new_rs > target[rows]
-        iteration += 1
-        if iteration % 50 == 0:
-            logger.info("CG iteration %d: %d of %d systems still above tolerance.", iteration, int(active.sum()), len(b))
-    residuals = (apply(x) - b).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
-    return ConjugateGradientResult(x, iteration, residuals, bool((residuals <= 10 * tolerance).all()), time.perf_counter() - start)
+    return conjugate_gradients(curvature, right_hand_sides.to(operator.dtype), damping, tolerance, max_iterations)
 
 
 @dataclass

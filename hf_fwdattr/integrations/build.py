@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..errors import ArtifactError
-from ..estimator.config import AttributionConfig, Solver
+from ..estimator.config import AttributionConfig
 from ..estimator.curvature import estimate_step_size
 from ..estimator.documents import DocumentSet
 from ..estimator.eigenbasis import describe_eigenbasis, eigenbasis_from_state, eigenbasis_state, estimate_eigenbasis
@@ -143,7 +143,7 @@ def build_influence_artifact(
 def _simulate_and_save(built, model, task, documents, table, train_examples, output_dir, config, processes, start,
                        max_shard_size, shard_rows, base_model, progress, gradient_method, compression) -> Optional[InfluenceArtifact]:
     curvature_start, curvature_cpu = time.perf_counter(), time.process_time()
-    eigenbasis = _shared_eigenbasis(built, task, train_examples, config, processes, progress) if config.solver is Solver.CLOSED_FORM else None
+    eigenbasis = _shared_eigenbasis(built, task, train_examples, config, processes, progress) if config.uses_eigenbasis else None
     curvature = {"curvature_seconds": time.perf_counter() - curvature_start, "curvature_cpu_seconds": time.process_time() - curvature_cpu}
     if eigenbasis is not None:
         curvature["eigenbasis"] = describe_eigenbasis(eigenbasis)
