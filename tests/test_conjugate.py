@@ -28,9 +28,9 @@ def test_conjugate_gradients_solve_every_row_and_a_preconditioner_changes_only_t
     inverse = torch.linalg.inv(matrix + damping * torch.eye(30, dtype=torch.float64))
     seen = []
     preconditioned = conjugate_gradients(lambda v: v @ matrix, rows, damping, tolerance=1e-10, precondition=lambda r: r @ inverse,
-                                         on_iteration=lambda iteration, x: seen.append(iteration))
+                                         on_iteration=lambda iteration, x, residuals: seen.append((iteration, float(residuals.max()))))
     torch.testing.assert_close(preconditioned.solutions, exact, rtol=1e-7, atol=1e-9)
-    assert preconditioned.iterations == 1 and seen == [1]  # the exact inverse as preconditioner: one step
+    assert preconditioned.iterations == 1 and len(seen) == 1 and seen[0][0] == 1 and seen[0][1] < 1e-10  # the exact inverse: one step
     capped = conjugate_gradients(lambda v: v @ matrix, rows, damping, tolerance=1e-10, max_iterations=2)
     assert capped.iterations == 2 and not capped.converged
 

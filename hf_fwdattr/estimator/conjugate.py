@@ -41,14 +41,14 @@ class ConjugateGradientResult:
 
 def conjugate_gradients(curvature: Product, right_hand_sides: torch.Tensor, damping: float, tolerance: float = 1e-4,
                         max_iterations: int = 2000, precondition: Optional[Product] = None,
-                        on_iteration: Optional[Callable[[int, torch.Tensor], None]] = None,
+                        on_iteration: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                         exact_residuals: bool = True) -> ConjugateGradientResult:
     """Solve (H + λI) x = b for each row b of `right_hand_sides` [m, dim]; `curvature` maps rows v to rows H v.
 
     Each row has its own step sizes and stops updating once its relative residual ‖r‖/‖b‖ is below `tolerance`; the
     loop ends when every row has, or after `max_iterations`. `precondition` (rows r ↦ M⁻¹ r, M symmetric positive
     definite, e.g. an approximate (H + λI)⁻¹) changes how fast CG converges, not what it converges to. `on_iteration`
-    sees the iteration number and the current x after each iteration. The final residuals are recomputed with one more
+    sees the iteration number, the current x and every row's relative residual (the recursion's) after each iteration. The final residuals are recomputed with one more
     product (`exact_residuals`), or taken from the recursion. Refuses (SimulationDivergedError) an H + λI that
     is not positive definite along a search direction (a Hessian with λ below its most negative eigenvalue).
     """
@@ -81,7 +81,7 @@ def conjugate_gradients(curvature: Product, right_hand_sides: torch.Tensor, damp
         active[rows] = r[rows].norm(dim=1) > tolerance * norms[rows]
         iteration += 1
         if on_iteration is not None:
-            on_iteration(iteration, x)
+            on_iteration(iteration, x, r.norm(dim=1) / norms)
         if iteration % 50 == 0:
             logger.info("CG iteration %d: %d of %d systems still above tolerance.", iteration, int(active.sum()), len(b))
     residuals = ((curvature(x) + damping * x - b) if exact_residuals else r).norm(dim=1) / norms
