@@ -48,9 +48,10 @@ def conjugate_gradients(curvature: Product, right_hand_sides: torch.Tensor, damp
     Each row has its own step sizes and stops updating once its relative residual ‖r‖/‖b‖ is below `tolerance`; the
     loop ends when every row has, or after `max_iterations`. `precondition` (rows r ↦ M⁻¹ r, M symmetric positive
     definite, e.g. an approximate (H + λI)⁻¹) changes how fast CG converges, not what it converges to. `on_iteration`
-    sees the iteration number, the current x and every row's relative residual (the recursion's) after each iteration. The final residuals are recomputed with one more
-    product (`exact_residuals`), or taken from the recursion. Refuses (SimulationDivergedError) an H + λI that
-    is not positive definite along a search direction (a Hessian with λ below its most negative eigenvalue).
+    sees the iteration number, the current x and every row's relative residual (the recursion's) after each iteration.
+    The final residuals are recomputed with one more product (`exact_residuals`), or taken from the recursion. Refuses
+    (SimulationDivergedError) an H + λI that is not positive definite along a search direction (a Hessian with λ below
+    its most negative eigenvalue).
     """
     start = time.perf_counter()
     precondition = precondition or (lambda rows: rows)
