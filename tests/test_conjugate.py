@@ -78,3 +78,24 @@ def test_the_solver_solves_for_damped_influence_only():
         AttributionConfig(solver="conjugate_gradients", cg_iterations=0)
     config = AttributionConfig(solver="conjugate_gradients", cg_iterations=7)
     assert AttributionConfig.from_json_string(config.to_json_string()) == config
+
+
+def test_an_artifact_built_with_the_solver_keeps_its_settings_and_the_basis_it_was_preconditioned_by(tmp_path, lm_task):
+    from conftest import make_lm
+
+    from hf_fwdattr import InfluenceArtifact, build_influence_artifact
+
+    model, kwargs = make_lm("llama", "peft")
+    train = lm_examples(12, seed=4)
+    documents = DocumentSet.from_examples(train, [f"doc-{i}" for i in range(12)])
+    dim = AttributionSubspace.build(model, **kwargs).dim
+    config = AttributionConfig(solver="conjugate_gradients", cg_iterations=8, batch_size=6, damping=1e-2, explicit_max_dim=dim - 1,
+                               curvature_rank=8)
+    built = build_influence_artifact(model, lm_task, documents, train, tmp_path / "cg", config, progress=False, compression="exact")
+    loaded = InfluenceArtifact.from_pretrained(tmp_path / "cg")
+    assert loaded.config == config and loaded.simulation["eigenbasis"]["kind"] == "low_rank"
+    assert loaded.simulation["eigenbasis"]["rank"] == 8
+    with AttributionSubspace.build(model, **kwargs) as subspace:
+        direct = simulate_responses(subspace, lm_task, documents, train, config).responses
+    torch.testing.assert_close(loaded.store.rows(range(12)).to(direct.dtype), direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+    assert built.num_documents == 12
