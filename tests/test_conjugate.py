@@ -63,7 +63,10 @@ def test_the_solver_equals_exact_damped_influence_where_the_closed_form_basis_is
     assert "Conjugate gradients: up to" in caplog.text
     assert "The low-rank eigenbasis resolves" not in caplog.text  # the closed form's warning: CG corrects what the basis misses
     few = AttributionConfig(solver="conjugate_gradients", cg_iterations=3, **beyond)
-    three = simulate_responses(subspace, lm_task, documents, train, few).responses
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fwdattr"):
+        three = simulate_responses(subspace, lm_task, documents, train, few).responses
+    assert "Conjugate gradients stopped at cg_iterations = 3" in caplog.text  # not converged, and it says so
     error = float((three - exact).norm() / exact.norm())
     assert error < float((low_rank - exact).norm() / exact.norm())  # three corrections already move it towards exact
 

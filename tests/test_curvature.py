@@ -305,7 +305,7 @@ def test_a_low_rank_basis_records_what_it_resolves_and_warns_when_the_filter_is_
     with caplog.at_level(logging.WARNING, logger="hf_fwdattr"):
         basis = estimate_eigenbasis(subspace, lm_task, train, small)
     resolution = basis.resolution
-    assert resolution["kind"] == "low_rank" and resolution["rank"] == 16
+    assert resolution["kind"] == "low_rank" and resolution["rank"] == 16 and resolution["sketched"] is False  # few exact rows here
     assert resolution["smallest_resolved_eigenvalue"] == pytest.approx(float(basis.eigenvalues[-1]))
     assert resolution["complement_eigenvalue"] == pytest.approx(basis.complement) and 0 < resolution["resolved_trace_fraction"] < 1
     # K → ∞: the filter is −1/(h + λ), so the ratio is (complement + λ) / (smallest + λ)
@@ -326,6 +326,12 @@ def test_a_low_rank_basis_records_what_it_resolves_and_warns_when_the_filter_is_
     values = horizon_filter(0.01, 10, 1e-3)(torch.tensor([finite["smallest_resolved_eigenvalue"], finite["complement_eigenvalue"]], dtype=torch.float64))
     assert finite["filter_ratio"] == pytest.approx(float(values[0] / values[1]), rel=1e-9)
     assert describe_eigenbasis(estimate_eigenbasis(subspace, lm_task, train, AttributionConfig(batch_size=8))) == {"kind": "explicit"}
+    # sketched Jacobian rows: the share of the trace is the sketch's, and the warning says so
+    caplog.clear()
+    sketch = AttributionConfig(batch_size=8, explicit_max_dim=subspace.dim - 1, curvature_rank=16, exact_curvature_max_passes=1)
+    with caplog.at_level(logging.WARNING, logger="hf_fwdattr"):
+        assert estimate_eigenbasis(subspace, lm_task, train, sketch).resolution["sketched"] is True
+    assert "of the sketched GGN's trace" in caplog.text
 
 
 def test_the_default_horizon_applies_the_damped_inverse_without_an_eigendecomposition(lm_task):

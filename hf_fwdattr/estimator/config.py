@@ -171,9 +171,10 @@ class AttributionConfig:
     horizon: Union[int, str, None] = field(
         default=None,
         metadata={
-            "help": "K, the number of simulated steps (K → ∞ gives damped influence), or 'inf' (closed_form only: the limit "
-            "itself, −(H + λI)⁻¹ g_b, which needs λ + weight_decay > 0); None: 'inf' for closed_form (any K costs the same "
-            "there), 100 for the iterative solvers (their cost grows with K), 20 for unlearning."
+            "help": "K, the number of simulated steps (K → ∞ gives damped influence), or 'inf' (closed_form and conjugate_gradients: "
+            "the limit itself, −(H + λI)⁻¹ g_b, which needs λ + weight_decay > 0; conjugate_gradients takes only 'inf'); None: 'inf' "
+            "for closed_form (any K costs the same there) and conjugate_gradients, 100 for the iterative solvers (their cost "
+            "grows with K), 20 for unlearning."
         },
     )
     solver: Solver = field(
@@ -191,7 +192,7 @@ class AttributionConfig:
         default=1e-3,
         metadata={"help": "conjugate_gradients solver: a document's CG stops at this relative residual ‖(H + λI)u + g_b‖ / ‖g_b‖."},
     )
-    curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized solver)."})
+    curvature: Curvature = field(default=Curvature.GGN, metadata={"help": "ggn | hessian (used by the linearized and conjugate_gradients solvers, and the explicit eigenbasis)."})
     batch_size: int = field(
         default=32,
         metadata={"help": "Training examples per simulated step; a value >= the training set size uses the full batch."},
@@ -259,7 +260,8 @@ class AttributionConfig:
     curvature_examples: Optional[int] = field(
         default=1024,
         metadata={
-            "help": "closed_form solver: training examples the curvature is estimated on (a seeded random subset); None uses all. "
+            "help": "closed_form and conjugate_gradients solvers: training examples the curvature is estimated on (a seeded random "
+            "subset); None uses all. "
             "1,024 keeps the estimate a fixed cost: 128 to 10,000 examples moved the scores' fidelity by 0.02 (benchmarks/RESULTS.md, issue 8)."
         },
     )

@@ -526,7 +526,7 @@ def _low_rank(subspace: AttributionSubspace, task, examples: Sequence[Any], conf
     made = low_rank_ggn(subspace, task, examples, config.batch_size, config.curvature_rank, config.curvature_power_passes,
                         config.curvature_complement, sketch, config.seed, progress)
     basis = ExplicitEigenbasis.from_low_rank(made, config.compute_dtype)
-    basis.resolution = curvature_resolution(made, config)
+    basis.resolution = curvature_resolution(made, config, sketched=sketch is not None)
     if basis.resolution["filter_ratio"] < UNRESOLVED_FILTER_RATIO and config.solver is not Solver.CONJUGATE_GRADIENTS:
         logger.warning(unresolved_spectrum_message(basis.resolution, config))  # conjugate gradients corrects what it misses
     return basis
@@ -535,9 +535,10 @@ def _low_rank(subspace: AttributionSubspace, task, examples: Sequence[Any], conf
 UNRESOLVED_FILTER_RATIO = 0.5  # below: the directions the low-rank basis leaves flat span more than a 2× range of the filter
 
 
-def curvature_resolution(made: LowRankGGN, config: AttributionConfig) -> dict:
+def curvature_resolution(made: LowRankGGN, config: AttributionConfig, sketched: bool = False) -> dict:
     """How much of the spectrum a low-rank eigenbasis resolves, for the artifact and the warning: its rank, the smallest
-    eigenvalue it resolves, the complement eigenvalue every other direction gets, the share of tr G its eigenvalues hold, and
+    eigenvalue it resolves, the complement eigenvalue every other direction gets, the share of tr G its eigenvalues hold (of
+    the sketched G's trace when the Jacobian rows were `sketched`), and
     `filter_ratio` = filter(smallest resolved) / filter(complement). The unresolved directions have eigenvalues between the
     complement's and the smallest resolved one, so a ratio near 1 means the filter is flat there (nothing lost) and a small
     one means the response along them is off by up to 1/ratio (the filter at K → ∞ is −1/(h + λ); at a finite horizon it
@@ -554,24 +555,26 @@ def curvature_resolution(made: LowRankGGN, config: AttributionConfig) -> dict:
     values = factor(torch.tensor([smallest, made.complement], dtype=torch.float64))
     return {"kind": "low_rank", "rank": len(made.eigenvalues), "smallest_resolved_eigenvalue": smallest,
             "complement_eigenvalue": made.complement, "curvature_shift": shift,
-            "resolved_trace_fraction": float(made.eigenvalues.sum()) / made.trace if made.trace else 1.0,
+            "resolved_trace_fraction": float(made.eigenvalues.sum()) / made.trace if made.trace else 1.0, "sketched": sketched,
             "filter_ratio": float(values[0] / values[1]) if float(values[1]) != 0 else 1.0}
 
 
 def unresolved_spectrum_message(resolution: dict, config: AttributionConfig) -> str:
     """The warning a low-rank eigenbasis gives when it leaves part of the filter's range unresolved."""
     shift = resolution["curvature_shift"]
+    trace = ("the sketched GGN's trace (the true GGN has more rank than its sketch, so more of it is unresolved)"
+             if resolution.get("sketched") else "the GGN's trace")
     return (f"The low-rank eigenbasis resolves the GGN's {resolution['rank']} largest eigendirections, down to eigenvalue "
             f"{resolution['smallest_resolved_eigenvalue']:.3g} (= {resolution['smallest_resolved_eigenvalue'] / shift:.3g} × "
             f"(damping + weight_decay)); every other direction gets eigenvalue {resolution['complement_eigenvalue']:.3g}. "
             f"The filter differs by up to {1 / resolution['filter_ratio']:.3g}× across that unresolved range, which holds "
-            f"{100 * (1 - resolution['resolved_trace_fraction']):.1f}% of the GGN's trace: the responses are exact damped influence "
+            f"{100 * (1 - resolution['resolved_trace_fraction']):.1f}% of {trace}: the responses are exact damped influence "
             "along the resolved directions only, and the order of weakly related documents can differ from exact influence "
             "(per-query Spearman 0.4–0.5 against exact at p = 131,072 in benchmarks/RESULTS.md, issue 15). For exact damped "
             f"influence: solver='conjugate_gradients' (preconditioned by this basis; cg_iterations = {config.cg_iterations} "
             "curvature-vector products per document), or a subspace of at most "
             f"explicit_max_dim = {config.explicit_max_dim} coordinates; for a flatter filter: a larger damping or a finite "
-            "horizon. Raising curvature_rank (now {0}) helps slowly.".format(config.curvature_rank))
+            f"horizon. Raising curvature_rank (now {config.curvature_rank}) helps slowly.")
 
 
 def horizon_filter(step_size: float, horizon: Optional[int], shift: float) -> Filter:
