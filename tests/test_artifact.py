@@ -102,6 +102,8 @@ def test_loaded_artifact_scores_like_the_in_memory_one(made, tmp_path):
 
 
 def test_push_to_hub_commits_exactly_the_artifact(made, monkeypatch):
+    """Pushes to `RecordingHub`, a Hub API server this test runs on 127.0.0.1 (nothing leaves the machine); the repo id
+    "me/tiny-influence" exists only there, and the card's `from_pretrained("me/tiny-influence")` line is text it checks."""
     import huggingface_hub.constants
 
     _, _, _, artifact = made
@@ -125,6 +127,9 @@ def test_push_to_hub_commits_exactly_the_artifact(made, monkeypatch):
 
 
 def test_from_pretrained_resolves_a_repo_id_through_the_offline_cache(made, tmp_path):
+    """The real repo-id code path of `from_pretrained`, with no download: the test writes the artifact into a fresh
+    HF_HOME cache as the Hub client lays it out (snapshots/<revision>, refs/main) and resolves "me/tiny-influence" there
+    with HF_HUB_OFFLINE=1, in a subprocess (huggingface_hub reads both variables at import)."""
     _, _, _, artifact = made
     hf_home = tmp_path / "hf_home"
     revision = "0123456789abcdef0123456789abcdef01234567"

@@ -428,6 +428,11 @@ class AttributionConfig:
         """Whether η is estimated from the curvature."""
         return self.step_size == "auto"
 
+    def step_size_for(self, h_max: float) -> float:
+        """η for a curvature whose largest eigenvalue is `h_max`: step_size_fraction / (h_max + λ + weight_decay) with
+        step_size='auto', else the fixed `step_size`."""
+        return self.step_size_fraction / (h_max + self.curvature_shift) if self.automatic_step_size else float(self.step_size)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (enums as their string values)."""
         return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in dataclasses.fields(self)}

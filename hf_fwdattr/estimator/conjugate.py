@@ -27,7 +27,8 @@ class ConjugateGradientResult:
     Attributes:
         solutions: [m, dim] the x's.
         iterations: CG iterations run.
-        relative_residuals: [m] final ‖(H + λI)x − b‖ / ‖b‖ (recomputed, not the recursion's estimate).
+        relative_residuals: [m] final ‖(H + λI)x − b‖ / ‖b‖ (recomputed with one more product unless
+            `exact_residuals=False` asked for the recursion's own estimate).
         converged: whether every relative residual is <= 10 × the tolerance.
         seconds: wall time.
     """

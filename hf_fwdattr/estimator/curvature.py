@@ -114,9 +114,9 @@ def estimate_step_size(
             operator = CurvatureOperator(subspace, task, batch, config.curvature, config.compute_dtype)
             h_max = max(h_max, abs(top_eigenvalue(operator, config.power_iterations, seed=config.seed + index)))
         logger.info("Estimated h_max = %.4g over %d minibatch(es).", h_max, count)
+    step_size = config.step_size_for(h_max)
     if config.automatic_step_size:
-        return config.step_size_fraction / (h_max + shift), h_max
-    step_size = float(config.step_size)
+        return step_size, h_max
     if step_size * (h_max + shift) >= 2:
         raise SimulationDivergedError(
             f"step_size = {step_size:.4g} would make the simulation diverge: η(h_max + λ) = {step_size * (h_max + shift):.3g} >= 2 "

@@ -545,12 +545,7 @@ def curvature_resolution(made: LowRankGGN, config: AttributionConfig, sketched: 
     flattens to −ηK below h ≈ 1/(ηK), so a short horizon needs fewer directions)."""
     shift = config.curvature_shift
     smallest = float(made.eigenvalues[-1]) if len(made.eigenvalues) else 0.0
-    if config.steps is None:
-        step_size = 0.0
-    elif config.automatic_step_size:
-        step_size = config.step_size_fraction / (float(made.eigenvalues[0]) + shift)
-    else:
-        step_size = float(config.step_size)
+    step_size = 0.0 if config.steps is None else config.step_size_for(float(made.eigenvalues[0]))
     factor = horizon_filter(step_size, config.steps, shift)
     values = factor(torch.tensor([smallest, made.complement], dtype=torch.float64))
     return {"kind": "low_rank", "rank": len(made.eigenvalues), "smallest_resolved_eigenvalue": smallest,
